@@ -1,0 +1,3 @@
+//! The C ABI (`include/compresskv.h`).
+//!
+//! TODO(helper C).

@@ -1,0 +1,186 @@
+//! The whole compression step for one sequence: budgets, scores, selection and cell moves.
+//!
+//! TODO(helper B): implement `build`; helper A implements `Plan::compact` (it only calls
+//! `compact::validate` / `compact::apply`).
+//!
+//! Invariants of a [`Plan`]:
+//! - `layers.len() == n_layer`; each layer has 1 group (per-layer selection) or `n_head_kv` groups
+//!   (per-KV-head selection).
+//! - `kept` is strictly ascending token indices; it always contains the sinks, the window and the
+//!   suffix `[window.end, n_tokens)`; `src[j] = cells[kept[j]]`, `dst = compact::dst_cells(cells, kept.len())`.
+//! - A layer with `budget >= n_tokens` keeps every token (identity moves are still listed).
+//! - Fill form (`fill = true`): every layer (and group) keeps `n_slots = max_l budget_l` tokens (its
+//!   next-best ones), so all layers occupy the same cells. Exact form: layer `l` keeps `budget_l`.
+//! - Building a plan never writes to any KV buffer; [`Plan::compact`] validates every move of every
+//!   layer before the first byte moves.
+
+use crate::budget::Allocation;
+use crate::error::Result;
+use crate::layout::{LayerView, LayerViewMut};
+use crate::profile::Profile;
+use crate::score::{Heads, PoolKind};
+
+/// Scoring / eviction method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// SRH scoring + error-weighted budgets (needs a profile; without one: all heads, uniform).
+    CompressKv,
+    /// All query heads, uniform budgets.
+    SnapKv,
+    /// All query heads, pyramid budgets.
+    PyramidKv,
+    /// Sinks + most recent tokens, no scoring.
+    StreamingLlm,
+}
+
+impl Method {
+    /// Lower-case name as used in flags and stats.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::CompressKv => "compresskv",
+            Method::SnapKv => "snapkv",
+            Method::PyramidKv => "pyramidkv",
+            Method::StreamingLlm => "streamingllm",
+        }
+    }
+}
+
+/// Parameters of one compression (defaults: [`Params::default`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// Method.
+    pub method: Method,
+    /// Average kept tokens per layer, window included. 0: use `ratio`.
+    pub budget: usize,
+    /// Fraction of the prompt to keep, used when `budget == 0`.
+    pub ratio: f32,
+    /// Observation window length `w`.
+    pub window: usize,
+    /// Token index where the window ends (exclusive); `None`: at the end of the prompt. Tokens from here
+    /// to the end (a chat template's generation prompt) are always kept.
+    pub window_end: Option<usize>,
+    /// Sink tokens always kept at the start (StreamingLLM).
+    pub n_sink: usize,
+    /// Pooling kernel (odd; 1 = none).
+    pub pool_kernel: usize,
+    /// Pooling kind.
+    pub pool: PoolKind,
+    /// Chunk size for whole-span selection (0 or 1 = token level).
+    pub chunk: usize,
+    /// SRHs per layer (CompressKV).
+    pub n_srh: usize,
+    /// Per-KV-head selection instead of one token set per layer.
+    pub per_head: bool,
+    /// Fill form (all layers keep `max budget`) instead of the exact form.
+    pub fill: bool,
+    /// Budget floor of the weighted allocation.
+    pub floor: usize,
+    /// PyramidKV beta.
+    pub pyramid_beta: f64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            method: Method::CompressKv,
+            budget: 256,
+            ratio: 0.0,
+            window: 8,
+            window_end: None,
+            n_sink: 0,
+            pool_kernel: 5,
+            pool: PoolKind::Avg,
+            chunk: 0,
+            n_srh: 4,
+            per_head: false,
+            fill: true,
+            floor: 32,
+            pyramid_beta: 20.0,
+        }
+    }
+}
+
+/// Model attention shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Layers.
+    pub n_layer: usize,
+    /// Heads per layer.
+    pub heads: Heads,
+}
+
+/// What the caller provides for one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerInput<'a> {
+    /// The layer's K buffer.
+    pub keys: LayerView<'a>,
+    /// Window queries, f32 `[w][n_head][head_dim]` (unused by StreamingLLM; may be empty then).
+    pub queries: &'a [f32],
+}
+
+/// Kept tokens and cell moves of one group (a layer, or one KV head of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPlan {
+    /// Kept token indices, ascending.
+    pub kept: Vec<u32>,
+    /// `cells[kept[j]]`.
+    pub src: Vec<u32>,
+    /// Destination cells.
+    pub dst: Vec<u32>,
+}
+
+/// Plan of one layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerPlan {
+    /// The layer's budget (before fill).
+    pub budget: usize,
+    /// One group per layer, or one per KV head.
+    pub groups: Vec<GroupPlan>,
+    /// Query heads used for scoring (empty for StreamingLLM).
+    pub heads_used: Vec<usize>,
+}
+
+/// A complete plan for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Parameters it was built with (`window_end` resolved).
+    pub params: Params,
+    /// Model shape.
+    pub shape: Shape,
+    /// Tokens of the sequence before compression.
+    pub n_tokens: usize,
+    /// The window `[start, end)`.
+    pub window: std::ops::Range<usize>,
+    /// Allocation used.
+    pub allocation: Allocation,
+    /// Per-layer plans.
+    pub layers: Vec<LayerPlan>,
+    /// Cells the sequence occupies after compaction (max kept over layers and groups).
+    pub n_slots: usize,
+    /// Whether CompressKV fell back to all heads (no profile).
+    pub fallback_all_heads: bool,
+    /// Milliseconds spent scoring and selecting.
+    pub ms_score: f64,
+}
+
+/// Build a plan. `cells[i]` is the cell of token `i` (positions ascending); `layers.len() == n_layer`.
+/// Validates every input (shapes, window inside the prompt, budget > 0, queries length, profile shape).
+pub fn build(
+    params: &Params,
+    shape: Shape,
+    profile: Option<&Profile>,
+    cells: &[u32],
+    layers: &[LayerInput<'_>],
+) -> Result<Plan> {
+    let _ = (params, shape, profile, cells, layers);
+    unimplemented!()
+}
+
+impl Plan {
+    /// Apply the plan to host buffers: `k[l]` and (optionally) `v[l]` for every layer. Validates all
+    /// moves of all layers first; on error nothing was written.
+    pub fn compact(&self, k: &mut [LayerViewMut<'_>], v: Option<&mut [LayerViewMut<'_>]>) -> Result<()> {
+        let _ = (k, v);
+        unimplemented!()
+    }
+}

@@ -1,0 +1,7 @@
+//! `q5_0` (TODO(helper A): block layout, reference, invariants).
+
+/// Dequantize a row (`src` holds exactly `dst.len()` elements' worth of blocks).
+pub(crate) fn to_f32(src: &[u8], dst: &mut [f32]) {
+    let _ = (src, dst);
+    unimplemented!("q5_0 dequantization")
+}
