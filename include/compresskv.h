@@ -1,0 +1,196 @@
+/*
+ * compresskv.h - C ABI of the compresskv library (KV-cache compression after CompressKV,
+ * arXiv 2508.02401) for llama.cpp/ggml-shaped KV buffers.
+ *
+ * Conventions
+ * - Every function that can fail returns a ckv_status; CKV_OK (0) is success. On failure a readable
+ *   message is available from ckv_last_error() on the same thread until the next failing call.
+ * - A call that fails writes nothing to the caller's buffers and leaves any handle it was given as it was.
+ * - No call panics or unwinds across this boundary; an internal bug is reported as CKV_ERR_PANIC.
+ * - Handles (ckv_plan, ckv_profile) are opaque; free them with their *_free function (NULL is allowed).
+ *   A handle may be used from one thread at a time; distinct handles are independent.
+ * - Token i of a sequence is its i-th token in position order; cells[i] is the KV-cache cell holding it.
+ * - Structs that may grow carry a leading `size` field: set it to sizeof(the struct) (the
+ *   *_default functions do), so that older callers keep working with newer libraries.
+ */
+#ifndef COMPRESSKV_H
+#define COMPRESSKV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CKV_VERSION_MAJOR 0
+#define CKV_VERSION_MINOR 1
+#define CKV_VERSION_PATCH 0
+
+/* Status codes. */
+typedef enum ckv_status {
+    CKV_OK                   = 0,
+    CKV_ERR_NULL             = 1, /* a required pointer is NULL                       */
+    CKV_ERR_INVALID_ARG      = 2, /* a value is out of range or inconsistent          */
+    CKV_ERR_UNSUPPORTED_TYPE = 3, /* element type not supported for this operation    */
+    CKV_ERR_SIZE             = 4, /* a buffer is smaller than its declared geometry   */
+    CKV_ERR_PROFILE          = 5, /* profile unreadable or for another model          */
+    CKV_ERR_IO               = 6, /* a file could not be read or written              */
+    CKV_ERR_ALLOC            = 7, /* out of memory                                    */
+    CKV_ERR_PANIC            = 8, /* internal error caught at the boundary (a bug)    */
+} ckv_status;
+
+/* Element types: the values are ggml's `enum ggml_type` ids. */
+typedef enum ckv_type {
+    CKV_TYPE_F32    = 0,
+    CKV_TYPE_F16    = 1,
+    CKV_TYPE_Q4_0   = 2,
+    CKV_TYPE_Q4_1   = 3,
+    CKV_TYPE_Q5_0   = 6,
+    CKV_TYPE_Q5_1   = 7,
+    CKV_TYPE_Q8_0   = 8,
+    CKV_TYPE_IQ4_NL = 20,
+    CKV_TYPE_BF16   = 30,
+} ckv_type;
+
+typedef enum ckv_method {
+    CKV_METHOD_COMPRESSKV   = 0, /* SRH scoring + error-weighted budgets (needs a profile)  */
+    CKV_METHOD_SNAPKV       = 1, /* all query heads, uniform budgets                        */
+    CKV_METHOD_PYRAMIDKV    = 2, /* all query heads, pyramid budgets                        */
+    CKV_METHOD_STREAMINGLLM = 3, /* sink + recent tokens, no scoring                        */
+} ckv_method;
+
+typedef enum ckv_pool {
+    CKV_POOL_AVG = 0,
+    CKV_POOL_MAX = 1,
+} ckv_pool;
+
+/* Budget allocations for ckv_budget_allocate. */
+typedef enum ckv_alloc {
+    CKV_ALLOC_UNIFORM  = 0,
+    CKV_ALLOC_PYRAMID  = 1,
+    CKV_ALLOC_WEIGHTED = 2,
+} ckv_alloc;
+
+/* Parameters of one compression. Initialise with ckv_params_default(). */
+typedef struct ckv_params {
+    size_t     size;         /* sizeof(ckv_params)                                            */
+    ckv_method method;       /* default CKV_METHOD_COMPRESSKV                                 */
+    int32_t    budget;       /* average kept tokens per layer, window included; 0: use ratio  */
+    float      ratio;        /* fraction of the prompt kept when budget == 0, in (0, 1]       */
+    int32_t    window;       /* observation window length w (default 8)                       */
+    int32_t    window_end;   /* token index where the window ends (exclusive); -1: prompt end.
+                                Tokens in [window_end, n) are always kept.                    */
+    int32_t    n_sink;       /* first tokens always kept (default 0; StreamingLLM uses 4 if 0) */
+    int32_t    pool_kernel;  /* pooling kernel, odd; 1 = none (default 5)                     */
+    ckv_pool   pool;         /* default CKV_POOL_AVG                                          */
+    int32_t    chunk;        /* whole-span selection chunk; 0 or 1 = token level (default 0)   */
+    int32_t    n_srh;        /* SRHs per layer for CompressKV (default 4)                     */
+    int32_t    per_head;     /* 1: one token set per KV head; 0: per layer (default 0)        */
+    int32_t    fill;         /* 1: every layer keeps max budget (fill form); 0: exact form    */
+    int32_t    floor;        /* weighted allocation floor (default 32)                        */
+    float      pyramid_beta; /* PyramidKV beta (default 20)                                   */
+} ckv_params;
+
+/* One layer's K or V buffer, as llama.cpp stores it. */
+typedef struct ckv_buffer {
+    void *  data;       /* base of the layer's (stream's) buffer                               */
+    size_t  size;       /* bytes available from data                                           */
+    int32_t type;       /* ckv_type                                                            */
+    int32_t n_embd;     /* elements per cell: n_head_kv * head_dim                             */
+    int32_t n_cells;    /* cells in the buffer (kv_size)                                       */
+    int32_t transposed; /* 0: one row per cell; 1: one row per channel (V without flash attn)  */
+    size_t  stride;     /* bytes between rows (cells, or channels when transposed); 0: packed  */
+} ckv_buffer;
+
+/* Attention shape of the model. */
+typedef struct ckv_shape {
+    int32_t n_layer;
+    int32_t n_head;
+    int32_t n_head_kv;
+    int32_t head_dim;
+} ckv_shape;
+
+/* The model a profile is checked against. */
+typedef struct ckv_model_desc {
+    const char * arch;        /* GGUF general.architecture                          */
+    ckv_shape    shape;
+    const char * fingerprint; /* ckv_fingerprint() of the model's canonical metadata */
+} ckv_model_desc;
+
+typedef struct ckv_plan    ckv_plan;
+typedef struct ckv_profile ckv_profile;
+
+/* Library version, "MAJOR.MINOR.PATCH". Never NULL. */
+const char * ckv_version(void);
+
+/* Message of the last failing call on this thread ("" if none). Valid until the next call on this thread. */
+const char * ckv_last_error(void);
+
+/* Name of a status code ("CKV_OK", ...). Never NULL. */
+const char * ckv_status_name(ckv_status status);
+
+/* Fill *params with the defaults. */
+ckv_status ckv_params_default(ckv_params * params);
+
+/* Method from its name ("compresskv", "snapkv", "pyramidkv", "streamingllm"). */
+ckv_status ckv_method_from_name(const char * name, ckv_method * out);
+
+/* 64-bit FNV-1a of `meta` as 16 hex digits into buf (at least 17 bytes). */
+ckv_status ckv_fingerprint(const char * meta, char * buf, size_t buf_size);
+
+/* Dequantize n elements of type `type` from src (src_size bytes, exactly the row's size) to dst. */
+ckv_status ckv_dequantize_row(int32_t type, const void * src, size_t src_size, float * dst, int32_t n);
+
+/* Per-layer budgets for an average of `avg` tokens per layer; `weights` (n_layer values) only for
+ * CKV_ALLOC_WEIGHTED, `beta` only for CKV_ALLOC_PYRAMID. Writes n_layer values to out. */
+ckv_status ckv_budget_allocate(ckv_alloc alloc, int32_t avg, int32_t n_layer, int32_t floor, float beta,
+                               const double * weights, int32_t * out);
+
+/* Load a profile from a JSON file or string and check it against `model` (NULL: no check). */
+ckv_status ckv_profile_load(const char * path, const ckv_model_desc * model, ckv_profile ** out);
+ckv_status ckv_profile_parse(const char * json, size_t len, const ckv_model_desc * model, ckv_profile ** out);
+void       ckv_profile_free(ckv_profile * profile);
+
+/* Plan the compression of one sequence of n_tokens tokens.
+ * - cells:   n_tokens cell indices, token order (positions ascending), distinct, < keys[l].n_cells
+ * - keys:    shape.n_layer K buffers
+ * - queries: shape.n_layer pointers, each to window * n_head * head_dim floats laid out
+ *            [window][n_head][head_dim] (post-RoPE, rotated like the keys). May be NULL for StreamingLLM.
+ * - profile: may be NULL (CompressKV then scores with all heads and uniform budgets; see
+ *            ckv_plan_fallback).
+ * Reads the buffers, writes none of them. */
+ckv_status ckv_plan_create(const ckv_params * params, const ckv_shape * shape, const ckv_profile * profile,
+                           const int32_t * cells, int32_t n_tokens, const ckv_buffer * keys,
+                           const float * const * queries, ckv_plan ** out);
+void       ckv_plan_free(ckv_plan * plan);
+
+/* Cells the sequence occupies after compaction (max kept over layers and groups). */
+int32_t    ckv_plan_n_slots(const ckv_plan * plan);
+/* Groups per layer: 1, or n_head_kv with per-head selection. */
+int32_t    ckv_plan_n_groups(const ckv_plan * plan);
+/* 1 if CompressKV had no profile and fell back to all-head scoring. */
+int32_t    ckv_plan_fallback(const ckv_plan * plan);
+
+/* Kept tokens of layer il, group ig. Pointers stay valid until ckv_plan_free. kept: token indices
+ * (ascending); src: their current cells; dst: the cells they move to. Any out pointer may be NULL. */
+ckv_status ckv_plan_group(const ckv_plan * plan, int32_t il, int32_t ig, int32_t * n_kept,
+                          const int32_t ** kept, const int32_t ** src, const int32_t ** dst);
+
+/* Budget of layer il before fill. */
+ckv_status ckv_plan_budget(const ckv_plan * plan, int32_t il, int32_t * out);
+
+/* Move the kept cells of every layer in place: k[l] and, if v is not NULL, v[l] for l < n_layer.
+ * Validates every move of every layer first: on error nothing was written. */
+ckv_status ckv_compact(const ckv_plan * plan, const ckv_buffer * k, const ckv_buffer * v);
+
+/* The plan as a JSON object (method, n_prompt, budget, window, pool, chunk, layers[{budget, kept}],
+ * ms_score, ...) into buf. *needed gets the length without the NUL; if buf_size <= *needed, nothing is
+ * written and CKV_ERR_SIZE is returned (buf may then be NULL). */
+ckv_status ckv_plan_stats_json(const ckv_plan * plan, char * buf, size_t buf_size, size_t * needed);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* COMPRESSKV_H */
