@@ -1,0 +1,199 @@
+//! End to end through the patched `llama-completion` on SmolLM2-135M-Instruct (a real model, a real
+//! needle prompt, greedy decoding).
+//!
+//! Needs `scripts/build-llama.sh` (the binaries in `vendor/build/bin`) and the model and essays from
+//! `scripts/setup.sh`; `scripts/test.sh` does both before `cargo test`. A missing piece is a failure with
+//! the command that provides it, never a skip.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn script_output(script: &str, args: &[&str]) -> PathBuf {
+    let out = Command::new(root().join(script)).args(args).output().expect("run fetch script");
+    assert!(out.status.success(), "{script} failed: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn completion_bin() -> PathBuf {
+    let bin = root().join("vendor/build/bin/llama-completion");
+    assert!(bin.exists(), "{} is missing: run scripts/build-llama.sh (scripts/test.sh does)", bin.display());
+    bin
+}
+
+fn model() -> &'static Path {
+    static M: OnceLock<PathBuf> = OnceLock::new();
+    M.get_or_init(|| script_output("scripts/fetch-model.sh", &["smollm2"]))
+}
+
+fn essays() -> &'static Path {
+    static E: OnceLock<PathBuf> = OnceLock::new();
+    E.get_or_init(|| script_output("scripts/fetch-data.sh", &[]))
+}
+
+fn tmpdir() -> PathBuf {
+    let d = root().join("target/e2e");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A ~3.5K-token needle prompt (needle at `depth`), written once per depth.
+fn needle_prompt(chars: usize, depth: f64) -> PathBuf {
+    let path = tmpdir().join(format!("needle-{chars}-{depth}.txt"));
+    let out = Command::new("python3")
+        .arg(root().join("bench/needle.py"))
+        .args(["--essays", essays().to_str().unwrap(), "--chars", &chars.to_string(), "--depth", &depth.to_string()])
+        .output()
+        .expect("python3 bench/needle.py");
+    assert!(out.status.success(), "needle.py: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&path, out.stdout).unwrap();
+    path
+}
+
+struct Run {
+    ok: bool,
+    answer: String,
+    log: String,
+    stats: Vec<serde_json::Value>,
+}
+
+fn run(prompt: &Path, extra: &[&str], tag: &str) -> Run {
+    let stats = tmpdir().join(format!("stats-{tag}.jsonl"));
+    let _ = std::fs::remove_file(&stats);
+    let mut cmd = Command::new(completion_bin());
+    cmd.args(["-m", model().to_str().unwrap(), "-f", prompt.to_str().unwrap()])
+        .args(["-n", "32", "--temp", "0", "--seed", "1", "-c", "4608", "-t", "2", "-no-cnv", "--no-display-prompt"])
+        .args(["--no-warmup", "--simple-io"])
+        .args(extra);
+    if extra.contains(&"--compresskv") {
+        cmd.args(["--compresskv-stats", stats.to_str().unwrap()]);
+    }
+    let out = cmd.output().expect("run llama-completion");
+    let stats = std::fs::read_to_string(&stats)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("stats line is JSON"))
+        .collect();
+    Run {
+        ok: out.status.success(),
+        answer: String::from_utf8_lossy(&out.stdout).into_owned(),
+        log: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stats,
+    }
+}
+
+fn prompt_35k() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| needle_prompt(14000, 0.5))
+}
+
+fn full() -> &'static Run {
+    static R: OnceLock<Run> = OnceLock::new();
+    R.get_or_init(|| run(prompt_35k(), &[], "full"))
+}
+
+fn assert_needle(r: &Run, what: &str) {
+    assert!(r.ok, "{what}: llama-completion failed:\n{}", r.log);
+    let a = r.answer.to_lowercase();
+    assert!(a.contains("sandwich") && a.contains("dolores park"), "{what}: the answer misses the needle: {:?}", r.answer);
+}
+
+fn check_stats(r: &Run, budget: u64) -> &serde_json::Value {
+    assert_eq!(r.stats.len(), 1, "one compression expected, log:\n{}", r.log);
+    let s = &r.stats[0];
+    let n = s["n_prompt"].as_u64().unwrap();
+    assert!(n > 3000, "prompt of {n} tokens, expected ~3.5K");
+    assert_eq!(s["cells_before"].as_u64().unwrap(), n);
+    let after = s["cells_after"].as_u64().unwrap();
+    assert!(after <= budget + 8 + 32, "cells_after {after} > budget {budget} + window + padding");
+    let (b0, b1) = (s["kv_bytes_before"].as_f64().unwrap(), s["kv_bytes_after"].as_f64().unwrap());
+    assert!(b1 < 0.15 * b0, "kv bytes {b1} not below 15% of {b0}");
+    assert_eq!(s["plan"]["layers"].as_array().unwrap().len(), 30, "SmolLM2 has 30 layers");
+    s
+}
+
+#[test]
+fn full_cache_finds_the_needle() {
+    assert_needle(full(), "full cache");
+}
+
+#[test]
+fn compressed_cache_finds_the_needle_at_budget_256() {
+    let r = run(prompt_35k(), &["--compresskv", "--compresskv-budget", "256"], "b256");
+    assert_needle(&r, "--compresskv-budget 256");
+    check_stats(&r, 256);
+}
+
+#[test]
+fn budget_at_least_the_prompt_is_token_identical() {
+    let r = run(prompt_35k(), &["--compresskv", "--compresskv-budget", "8192"], "b8192");
+    assert!(r.ok, "{}", r.log);
+    assert!(r.stats.is_empty(), "nothing should have been compressed");
+    assert!(r.log.contains("nothing to compress"), "log should say why:\n{}", r.log);
+    assert_eq!(r.answer, full().answer);
+}
+
+#[test]
+fn q8_0_cache_with_flash_attention() {
+    let args = ["-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0"];
+    let f = run(prompt_35k(), &args, "q8-full");
+    assert_needle(&f, "q8_0 full");
+    let mut with = args.to_vec();
+    with.extend(["--compresskv", "--compresskv-budget", "256"]);
+    let r = run(prompt_35k(), &with, "q8-b256");
+    assert_needle(&r, "q8_0 --compresskv-budget 256");
+    let s = check_stats(&r, 256);
+    assert_eq!(s["kv_type_k"], "q8_0");
+}
+
+#[test]
+fn transposed_v_without_flash_attention() {
+    let r = run(prompt_35k(), &["-fa", "off", "--compresskv", "--compresskv-budget", "256"], "fa-off");
+    assert_needle(&r, "-fa off --compresskv-budget 256");
+    let s = check_stats(&r, 256);
+    assert_eq!(s["v_trans"], true);
+}
+
+#[test]
+fn bad_flags_are_rejected_at_parse_time() {
+    for (args, needle) in [
+        (&["--compresskv-budget", "0"][..], "--compresskv-budget"),
+        (&["--compresskv-method", "magic"][..], "--compresskv-method"),
+        (&["--compresskv-ratio", "1.5"][..], "--compresskv-ratio"),
+        (&["--compresskv-pool", "4"][..], "--compresskv-pool"),
+    ] {
+        let r = run(prompt_35k(), args, "bad");
+        assert!(!r.ok, "{args:?} should be refused");
+        assert!(r.log.contains(needle), "{args:?}: the error should name {needle}:\n{}", r.log);
+    }
+}
+
+#[test]
+fn bad_runtime_input_falls_back_to_the_full_cache() {
+    // a profile for another model
+    let prof = tmpdir().join("other-model.json");
+    let layers = 2;
+    let ranking: Vec<Vec<usize>> = (0..layers).map(|_| (0..9).collect()).collect();
+    let scores: Vec<Vec<f64>> = (0..layers).map(|_| vec![0.0; 9]).collect();
+    let profile = serde_json::json!({
+        "version": 1,
+        "model": {"arch": "llama", "n_layer": layers, "n_head": 9, "n_head_kv": 3, "head_dim": 64, "fingerprint": "0000000000000000"},
+        "head_ranking": ranking, "head_scores": scores, "layer_weights": vec![1.0 / layers as f64; layers],
+        "calibration": {"note": "test profile for another model"}
+    });
+    std::fs::write(&prof, profile.to_string()).unwrap();
+    let r = run(prompt_35k(), &["--compresskv", "--compresskv-profile", prof.to_str().unwrap()], "badprof");
+    assert!(r.log.contains("profile") && r.log.contains("n_layer"), "the log should say the profile's n_layer differs:\n{}", r.log);
+    assert!(r.stats.is_empty());
+    assert_eq!(r.answer, full().answer, "fallback must be the full cache");
+
+    // a window larger than the prompt
+    let r = run(prompt_35k(), &["--compresskv", "--compresskv-window", "100000"], "badwin");
+    assert!(r.log.contains("window"), "{}", r.log);
+    assert!(r.stats.is_empty());
+    assert_eq!(r.answer, full().answer, "fallback must be the full cache");
+}
