@@ -1,0 +1,230 @@
+//! Profile JSON: round trip through text and file, and every kind of corruption refused with a message
+//! naming the field.
+
+use compresskv::profile::{fingerprint, ModelIdentity, Profile};
+use compresskv::Error;
+use serde_json::{json, Value};
+
+fn model() -> ModelIdentity {
+    ModelIdentity {
+        arch: "qwen2".into(),
+        n_layer: 3,
+        n_head: 6,
+        n_head_kv: 2,
+        head_dim: 64,
+        fingerprint: fingerprint("qwen2|3|6|2|64"),
+    }
+}
+
+fn profile() -> Profile {
+    Profile {
+        version: 1,
+        model: model(),
+        head_ranking: vec![vec![5, 4, 3, 2, 1, 0], vec![0, 2, 4, 1, 3, 5], vec![1, 0, 3, 2, 5, 4]],
+        head_scores: vec![
+            vec![0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+            vec![0.6, 0.3, 0.5, 0.2, 0.4, 0.1],
+            vec![0.5, 0.6, 0.3, 0.4, 0.1, 0.2],
+        ],
+        layer_weights: vec![0.2, 0.3, 0.5],
+        calibration: json!({"tool": "ckv-calibrate", "probes": 600, "seed": 7, "data": ["held-out"]}),
+    }
+}
+
+fn text_with(f: impl FnOnce(&mut Value)) -> String {
+    let mut v: Value = serde_json::from_str(&profile().to_json_pretty()).unwrap();
+    f(&mut v);
+    serde_json::to_string_pretty(&v).unwrap()
+}
+
+#[track_caller]
+fn assert_refused(text: &str, field: &str) {
+    match Profile::from_json(text) {
+        Err(e @ Error::Profile(_)) => {
+            assert!(
+                e.message().contains(field),
+                "message {:?} does not name {field:?}",
+                e.message()
+            );
+            assert_eq!(e.status(), 5);
+        }
+        other => panic!("expected a profile error naming {field:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn round_trip_text() {
+    let p = profile();
+    let text = p.to_json_pretty();
+    assert!(text.contains("\n  \"version\": 1"), "pretty JSON expected: {text}");
+    assert_eq!(Profile::from_json(&text).unwrap(), p);
+    // Field order and whitespace do not matter.
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(Profile::from_json(&v.to_string()).unwrap(), p);
+}
+
+#[test]
+fn round_trip_file() {
+    let dir = std::env::temp_dir().join(format!("ckv-tests-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.ckvprofile.json");
+    std::fs::write(&path, profile().to_json_pretty()).unwrap();
+    let p = Profile::load(&path).unwrap();
+    assert_eq!(p, profile());
+    p.check_model(&model()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn missing_file_is_io() {
+    let e = Profile::load("/definitely/not/here.json").unwrap_err();
+    assert!(matches!(e, Error::Io(_)), "{e:?}");
+    assert!(e.message().contains("/definitely/not/here.json"), "{e}");
+}
+
+#[test]
+fn syntax_and_shape_errors() {
+    assert_refused("", "JSON");
+    assert_refused("{\"version\": 1,", "JSON");
+    assert_refused("42", "object");
+    assert_refused("{}", "version");
+}
+
+#[test]
+fn version() {
+    assert_refused(&text_with(|v| v["version"] = json!(2)), "version");
+    assert_refused(&text_with(|v| v["version"] = json!(0)), "version");
+    assert_refused(&text_with(|v| v["version"] = json!("1")), "version");
+    assert_refused(
+        &text_with(|v| drop(v.as_object_mut().unwrap().remove("version"))),
+        "version",
+    );
+}
+
+#[test]
+fn model_fields() {
+    for f in ["arch", "n_layer", "n_head", "n_head_kv", "head_dim", "fingerprint"] {
+        assert_refused(
+            &text_with(|v| drop(v["model"].as_object_mut().unwrap().remove(f))),
+            &format!("model.{f}"),
+        );
+    }
+    for f in ["n_layer", "n_head", "n_head_kv", "head_dim"] {
+        assert_refused(&text_with(|v| v["model"][f] = json!(0)), &format!("model.{f}"));
+        assert_refused(&text_with(|v| v["model"][f] = json!(-3)), &format!("model.{f}"));
+        assert_refused(&text_with(|v| v["model"][f] = json!("many")), &format!("model.{f}"));
+    }
+    assert_refused(&text_with(|v| v["model"]["n_head_kv"] = json!(4)), "n_head_kv");
+    assert_refused(&text_with(|v| v["model"]["arch"] = json!(7)), "model.arch");
+    assert_refused(&text_with(|v| v["model"] = json!([1])), "model");
+    assert_refused(&text_with(|v| v["model"]["rope"] = json!(1)), "model.rope");
+}
+
+#[test]
+fn unknown_top_level_field() {
+    assert_refused(&text_with(|v| v["layer_weight"] = json!([1.0])), "layer_weight");
+}
+
+#[test]
+fn head_ranking() {
+    // n_layer disagrees with the number of rows.
+    assert_refused(&text_with(|v| v["model"]["n_layer"] = json!(4)), "head_ranking");
+    assert_refused(
+        &text_with(|v| v["head_ranking"][2] = json!([1, 0, 3, 2, 5])),
+        "head_ranking[2]",
+    );
+    assert_refused(
+        &text_with(|v| v["head_ranking"][1] = json!([0, 2, 4, 1, 3, 3])),
+        "head_ranking[1]",
+    );
+    assert_refused(
+        &text_with(|v| v["head_ranking"][0] = json!([5, 4, 3, 2, 1, 6])),
+        "head_ranking[0]",
+    );
+    assert_refused(
+        &text_with(|v| v["head_ranking"][0] = json!([5, 4, 3, 2, 1, -1])),
+        "head_ranking",
+    );
+    assert_refused(&text_with(|v| v["head_ranking"] = json!("none")), "head_ranking");
+    // n_head disagrees with the row length.
+    assert_refused(&text_with(|v| v["model"]["n_head"] = json!(4)), "head_ranking[0]");
+}
+
+#[test]
+fn head_scores() {
+    assert_refused(
+        &text_with(|v| drop(v["head_scores"].as_array_mut().unwrap().pop())),
+        "head_scores",
+    );
+    assert_refused(
+        &text_with(|v| drop(v["head_scores"][1].as_array_mut().unwrap().pop())),
+        "head_scores[1]",
+    );
+    assert_refused(&text_with(|v| v["head_scores"][2][3] = json!(null)), "head_scores");
+    assert_refused(&text_with(|v| v["head_scores"][2][3] = json!("x")), "head_scores");
+    // 1e999 overflows f64: refused by the parser or as not finite, either way not accepted.
+    let t = profile().to_json_pretty().replacen("0.4,", "1e999,", 1);
+    assert!(Profile::from_json(&t).is_err());
+    let mut p = profile();
+    p.head_scores[0][1] = f64::INFINITY;
+    assert!(p.validate().unwrap_err().message().contains("head_scores[0][1]"));
+}
+
+#[test]
+fn layer_weights() {
+    assert_refused(&text_with(|v| v["layer_weights"] = json!([0.5, 0.5])), "layer_weights");
+    assert_refused(
+        &text_with(|v| v["layer_weights"] = json!([0.2, 0.3, 0.6])),
+        "layer_weights",
+    );
+    assert_refused(
+        &text_with(|v| v["layer_weights"] = json!([1.2, -0.2, 0.0])),
+        "layer_weights[1]",
+    );
+    assert_refused(
+        &text_with(|v| v["layer_weights"] = json!([0.2, 0.3, "0.5"])),
+        "layer_weights",
+    );
+    // Within the tolerance is accepted.
+    Profile::from_json(&text_with(|v| v["layer_weights"] = json!([0.2, 0.3, 0.5000004]))).unwrap();
+}
+
+#[test]
+fn check_model_names_every_field() {
+    let p = profile();
+    let other = ModelIdentity {
+        arch: "llama".into(),
+        n_layer: 30,
+        n_head: 9,
+        n_head_kv: 3,
+        head_dim: 32,
+        fingerprint: fingerprint("other"),
+    };
+    let e = p.check_model(&other).unwrap_err();
+    assert!(matches!(e, Error::Profile(_)));
+    let m = e.message();
+    for (f, a, b) in [
+        ("arch", "\"qwen2\"", "\"llama\""),
+        ("n_layer", "3", "30"),
+        ("n_head", "6", "9"),
+        ("n_head_kv", "2", "3"),
+        ("head_dim", "64", "32"),
+        (
+            "fingerprint",
+            model().fingerprint.as_str(),
+            fingerprint("other").as_str(),
+        ),
+    ] {
+        let want = format!("{f}: profile {a}, model {b}");
+        assert!(m.contains(&want), "{m:?} lacks {want:?}");
+    }
+    // Only the differing field is named.
+    let mut one = model();
+    one.n_head_kv = 1;
+    let m = p.check_model(&one).unwrap_err().message().to_string();
+    assert!(m.contains("n_head_kv: profile 2, model 1"), "{m}");
+    assert!(
+        !m.contains("n_layer") && !m.contains("fingerprint") && !m.contains("arch"),
+        "{m}"
+    );
+}
