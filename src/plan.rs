@@ -36,6 +36,8 @@
 //! - A layer with `budget >= n_tokens` keeps every token (identity moves are still listed).
 //! - Fill form (`fill = true`): every layer (and group) keeps `n_slots = max_l budget_l` tokens (its
 //!   next-best ones), so all layers occupy the same cells. Exact form: layer `l` keeps `budget_l`.
+//!   Both clamped to `n_tokens`; a layer keeps more only when its sinks, window and suffix alone are
+//!   more (see [`crate::select`]).
 //! - Building a plan never writes to any KV buffer; [`Plan::compact`] validates every move of every
 //!   layer before the first byte moves.
 
@@ -175,7 +177,8 @@ pub struct LayerPlan {
 /// A complete plan for one sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    /// Parameters it was built with (`window_end` resolved).
+    /// Parameters it was built with: `window_end`, `budget` (the average used, also when it came from
+    /// `ratio`) and, for StreamingLLM, `n_sink` resolved.
     pub params: Params,
     /// Model shape.
     pub shape: Shape,

@@ -38,8 +38,9 @@
 //! magnitudes of real models.
 //!
 //! Cost and parallelism: `O(len(heads) * w * we * d)` flops. One task per KV group holds that group's
-//! dequantized keys (`we * d` f32) and, per head in flight, one row of `we` logits; groups and the heads
-//! of a group run in parallel on the rayon pool. An even `k` (not produced by [`crate::plan::build`],
+//! dequantized keys (`we * d` f32) and, per head in flight, its `[w][we]` logits (computed in one pass
+//! over the keys, so each key row is read once per head); groups and the heads of a group run in
+//! parallel on the rayon pool. An even `k` (not produced by [`crate::plan::build`],
 //! which rejects it) uses the window `[i - k/2, i + k/2)`.
 //!
 //! Non-finite inputs: a NaN/inf key or query makes the affected scores NaN (never a panic); pooling
@@ -201,26 +202,32 @@ where
 }
 
 /// Scores of one query head `h` against its group's dequantized keys `kg` (`[we][d]`).
+///
+/// The logits of all `w` window queries are computed in one pass over the keys (each key row is read
+/// once, against the `w` query rows that see it), into a `[w][we]` block; then one softmax per row.
 fn head_window_scores(kg: &[f32], queries: &[f32], shape: Heads, h: usize, ws: usize, we: usize) -> Vec<f32> {
     let d = shape.head_dim;
+    let w = we - ws;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut s = vec![0f32; ws];
-    let mut z = vec![0f32; we];
-    for r in 0..we - ws {
-        let q = &queries[(r * shape.n_head + h) * d..][..d];
-        let nk = ws + r + 1;
-        let z = &mut z[..nk];
-        for (zi, k) in z.iter_mut().zip(kg.chunks_exact(d)) {
-            *zi = dot(q, k) * scale;
+    let q = |r: usize| &queries[(r * shape.n_head + h) * d..][..d];
+    let mut z = vec![0f32; w * we];
+    for (i, k) in kg.chunks_exact(d).enumerate() {
+        // query r (token ws + r) sees key i when i <= ws + r
+        for r in i.saturating_sub(ws)..w {
+            z[r * we + i] = dot(q(r), k) * scale;
         }
-        let m = z.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    }
+    let mut s = vec![0f32; ws];
+    for (r, row) in z.chunks_exact_mut(we).enumerate() {
+        let row = &mut row[..ws + r + 1];
+        let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
         let mut total = 0f64;
-        for zi in z.iter_mut() {
+        for zi in row.iter_mut() {
             *zi = (*zi - m).exp();
             total += *zi as f64;
         }
         let inv = (1.0 / total) as f32;
-        for (si, &e) in s.iter_mut().zip(z.iter()) {
+        for (si, &e) in s.iter_mut().zip(row.iter()) {
             *si += e * inv;
         }
     }

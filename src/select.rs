@@ -42,19 +42,19 @@
 use std::cmp::Ordering;
 use std::ops::Range;
 
-/// The ranking order: higher score first, NaN last, ties to the lower index.
-fn rank(scores: &[f32], a: usize, b: usize) -> Ordering {
-    rank_values(scores[a], scores[b]).then(a.cmp(&b))
-}
-
-/// Higher value first, NaN after every number (equal values, and two NaNs, compare equal).
-fn rank_values(x: f32, y: f32) -> Ordering {
-    match (x.is_nan(), y.is_nan()) {
+/// The ranking order: higher score first, NaN last, ties to the lower index (f32 token scores, f64
+/// chunk means).
+fn rank<T: PartialOrd + Copy>(scores: &[T], a: usize, b: usize) -> Ordering {
+    let (x, y) = (scores[a], scores[b]);
+    // a float is NaN exactly when it is unordered with itself
+    let nan = |v: T| v.partial_cmp(&v).is_none();
+    let by_value = match (nan(x), nan(y)) {
         (true, true) => Ordering::Equal,
         (true, false) => Ordering::Greater,
         (false, true) => Ordering::Less,
         (false, false) => y.partial_cmp(&x).unwrap_or(Ordering::Equal),
-    }
+    };
+    by_value.then(a.cmp(&b))
 }
 
 /// The generic core: always-kept tokens plus `choose(candidates, r)`, which must return `r` distinct
@@ -108,10 +108,11 @@ fn choose_chunks(scores: &[f32], cand: Range<usize>, mut r: usize, chunk: usize)
         let (lo, hi) = bounds(c);
         hi - lo.max(cand.start)
     };
-    let means: Vec<f32> = (0..n_chunks)
+    // Means stay in f64: rounding them to f32 would turn distinct means into ties.
+    let means: Vec<f64> = (0..n_chunks)
         .map(|c| {
             let (lo, hi) = bounds(c);
-            (scores[lo..hi].iter().map(|&v| v as f64).sum::<f64>() / (hi - lo) as f64) as f32
+            scores[lo..hi].iter().map(|&v| v as f64).sum::<f64>() / (hi - lo) as f64
         })
         .collect();
     let mut order: Vec<usize> = (0..n_chunks).filter(|&c| bounds(c).1 > cand.start).collect();
@@ -124,10 +125,9 @@ fn choose_chunks(scores: &[f32], cand: Range<usize>, mut r: usize, chunk: usize)
             break;
         }
         let (lo, hi) = bounds(c);
-        for i in lo.max(cand.start)..hi {
-            taken[i] = true;
-            out.push(i as u32);
-        }
+        let first = lo.max(cand.start);
+        taken[first..hi].iter_mut().for_each(|t| *t = true);
+        out.extend(first as u32..hi as u32);
         r -= cost(c);
     }
     let rest: Vec<usize> = cand.filter(|&i| !taken[i]).collect();
