@@ -56,8 +56,9 @@ def insert_needle(hay, depth, needle=NEEDLE):
 
 def prompt(essays_dir, n_chars, depth, template="chatml", needle=NEEDLE, question=QUESTION):
     ctx = insert_needle(haystack(essays_dir, n_chars), depth, needle)
-    user = ("Read the document below and answer the question at the end.\n\n<document>\n" + ctx +
-            "\n</document>\n\nQuestion: " + question + " Answer in one sentence using the document.")
+    # the question comes last, as in the standard needle-in-a-haystack prompt
+    user = ("Read the document below and answer the question at the end in one sentence, using the document.\n\n"
+            "<document>\n" + ctx + "\n</document>\n\nQuestion: " + question)
     return TEMPLATES[template].format(user=user)
 
 

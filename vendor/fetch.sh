@@ -58,6 +58,12 @@ else
   tar xzf "$cache/$file" -C "$dest.tmp" --strip-components=3 --exclude="$subdir/models/*.gguf*" --exclude="$subdir/.git" "$subdir"
 fi
 
+# a git baseline of the pristine tree, so that scripts/export-patches.sh can regenerate the series
+if command -v git >/dev/null; then
+  (cd "$dest.tmp" && git init -q && git add -A && git -c user.name=compresskv -c user.email=compresskv@localhost \
+     commit -q -m "llama.cpp $(get commit) from $package==$version" && git tag upstream) >/dev/null
+fi
+
 for p in "${patches[@]}"; do
   if ! (cd "$dest.tmp" && patch -p1 --forward --silent --dry-run < "$p" >/dev/null); then
     echo "fetch.sh: patch $(basename "$p") does not apply to this llama.cpp tree" >&2
