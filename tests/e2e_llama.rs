@@ -109,7 +109,7 @@ fn check_stats(r: &Run, budget: u64) -> &serde_json::Value {
     assert!(n > 3000, "prompt of {n} tokens, expected ~3.5K");
     assert_eq!(s["cells_before"].as_u64().unwrap(), n);
     let after = s["cells_after"].as_u64().unwrap();
-    assert!(after <= budget + 8 + 32, "cells_after {after} > budget {budget} + window + padding");
+    assert!(after <= budget + 32, "cells_after {after} > budget {budget} + template suffix");
     let (b0, b1) = (s["kv_bytes_before"].as_f64().unwrap(), s["kv_bytes_after"].as_f64().unwrap());
     assert!(b1 < 0.15 * b0, "kv bytes {b1} not below 15% of {b0}");
     assert_eq!(s["plan"]["layers"].as_array().unwrap().len(), 30, "SmolLM2 has 30 layers");
@@ -196,4 +196,37 @@ fn bad_runtime_input_falls_back_to_the_full_cache() {
     assert!(r.log.contains("window"), "{}", r.log);
     assert!(r.stats.is_empty());
     assert_eq!(r.answer, full().answer, "fallback must be the full cache");
+}
+
+/// The strongest check of compaction (DESIGN §1.5): greedy output through the compacted cache equals the
+/// full cache with each layer's evicted cells masked out in place (`--compresskv-form mask`: same plan,
+/// nothing moves, true positions). f32 caches and flash attention off make the two attention sums
+/// identical up to f32 rounding; with CPU flash attention the blocked online softmax rounds differently
+/// for the two layouts and greedy ties can flip.
+fn masked_equivalence(method: &str, form: &str) {
+    let base = ["-fa", "off", "-ctk", "f32", "-ctv", "f32", "--compresskv", "--compresskv-method", method];
+    let budget = ["--compresskv-budget", "256"];
+    let mut compacted = base.to_vec();
+    compacted.extend(budget);
+    compacted.extend(["--compresskv-form", form]);
+    let mut masked = base.to_vec();
+    masked.extend(budget);
+    masked.extend(["--compresskv-form", "mask"]);
+    let c = run(prompt_35k(), &compacted, &format!("eq-{method}-{form}"));
+    let m = run(prompt_35k(), &masked, &format!("eq-{method}-mask"));
+    assert!(c.ok && m.ok, "{}\n{}", c.log, m.log);
+    assert_eq!(c.stats.len(), 1);
+    assert_eq!(m.stats.len(), 1);
+    assert!(c.stats[0]["cells_after"].as_u64().unwrap() < 300, "the compacted run must really compact");
+    assert_eq!(c.answer, m.answer, "compacted ({form}) and masked caches must give the same greedy tokens");
+}
+
+#[test]
+fn compacted_equals_masked_fill_form() {
+    masked_equivalence("snapkv", "fill");
+}
+
+#[test]
+fn compacted_equals_masked_exact_form_with_pyramid_budgets() {
+    masked_equivalence("pyramidkv", "exact");
 }
