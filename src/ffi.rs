@@ -1485,6 +1485,29 @@ pub unsafe extern "C" fn ckv_compact(plan: *const ckv_plan, k: *const ckv_buffer
             }
         }
         check_disjoint(&mut ranges)?;
+        // Name the buffer that is too short for the plan's cells (the plan validates again, generically).
+        let max_cell = h
+            .groups
+            .iter()
+            .flatten()
+            .flat_map(|g| g.src.iter().chain(&g.dst))
+            .copied()
+            .max();
+        if let Some(mc) = max_cell {
+            let named = kg
+                .iter()
+                .enumerate()
+                .map(|(l, g)| (g, "k", l))
+                .chain(vg.iter().enumerate().map(|(l, g)| (g, "v", l)));
+            for (g, kind, l) in named {
+                if g.n_cells <= mc as usize {
+                    return Err(Error::InvalidArg(format!(
+                        "{kind}[{l}].n_cells {} does not hold cell {mc} that the plan moves",
+                        g.n_cells
+                    )));
+                }
+            }
+        }
         let mut kv = Vec::with_capacity(nl);
         for (l, (b, g)) in kb.iter().zip(kg).enumerate() {
             // SAFETY: `b.size >= min_bytes` read/write bytes (caller, checked); extents disjoint (checked).
