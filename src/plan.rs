@@ -180,7 +180,103 @@ impl Plan {
     /// Apply the plan to host buffers: `k[l]` and (optionally) `v[l]` for every layer. Validates all
     /// moves of all layers first; on error nothing was written.
     pub fn compact(&self, k: &mut [LayerViewMut<'_>], v: Option<&mut [LayerViewMut<'_>]>) -> Result<()> {
-        let _ = (k, v);
-        unimplemented!()
+        use crate::compact::{apply_validated, validate, Moves};
+        use crate::error::Error;
+        use rayon::prelude::*;
+
+        /// The same error with `p: ` in front of its message.
+        fn prefixed(e: Error, p: &str) -> Error {
+            let m = format!("{p}: {}", e.message());
+            match e {
+                Error::Null(_) => Error::Null(m),
+                Error::InvalidArg(_) => Error::InvalidArg(m),
+                Error::UnsupportedType(_) => Error::UnsupportedType(m),
+                Error::Size(_) => Error::Size(m),
+                Error::Profile(_) => Error::Profile(m),
+                Error::Io(_) => Error::Io(m),
+                Error::Alloc(_) => Error::Alloc(m),
+                Error::Panic(_) => Error::Panic(m),
+            }
+        }
+
+        let n_layer = self.layers.len();
+        let n_head_kv = self.shape.heads.n_head_kv;
+        // The element range of group `g` of a layer with `n_groups` groups in a buffer of `n_embd`.
+        let range =
+            |what: &str, l: usize, n_groups: usize, g: usize, n_embd: usize| -> Result<std::ops::Range<usize>> {
+                if n_groups == 1 {
+                    Ok(0..n_embd)
+                } else if n_groups == n_head_kv && n_embd % n_head_kv == 0 {
+                    let hd = n_embd / n_head_kv;
+                    Ok(g * hd..(g + 1) * hd)
+                } else {
+                    Err(Error::InvalidArg(format!(
+                        "layer {l}: {n_groups} groups for a {what} of {n_embd} elements and {n_head_kv} KV heads \
+                         (need 1 group, or one per KV head dividing the cell)"
+                    )))
+                }
+            };
+        let moves_of = |what: &str, l: usize, view: &LayerViewMut<'_>| -> Result<Vec<Moves<'_>>> {
+            let groups = &self.layers[l].groups;
+            let n_embd = view.geometry().n_embd;
+            groups
+                .iter()
+                .enumerate()
+                .map(|(g, gp)| {
+                    Ok(Moves {
+                        src: &gp.src,
+                        dst: &gp.dst,
+                        elems: range(what, l, groups.len(), g, n_embd)?,
+                    })
+                })
+                .collect()
+        };
+
+        // 1. Validate everything before the first byte moves.
+        if k.len() != n_layer {
+            return Err(Error::InvalidArg(format!(
+                "{} K buffers for a plan of {n_layer} layers",
+                k.len()
+            )));
+        }
+        if let Some(v) = v.as_deref() {
+            if v.len() != n_layer {
+                return Err(Error::InvalidArg(format!(
+                    "{} V buffers for a plan of {n_layer} layers",
+                    v.len()
+                )));
+            }
+        }
+        let check = |what: &str, bufs: &[LayerViewMut<'_>]| -> Result<()> {
+            for (l, view) in bufs.iter().enumerate() {
+                for (g, m) in moves_of(what, l, view)?.iter().enumerate() {
+                    validate(view.geometry(), m).map_err(|e| prefixed(e, &format!("layer {l} {what} group {g}")))?;
+                }
+            }
+            Ok(())
+        };
+        check("K", k)?;
+        if let Some(v) = v.as_deref() {
+            check("V", v)?;
+        }
+
+        // 2. Move (K, V and layers are independent buffers: in parallel). Cannot fail after step 1.
+        let run = |what: &str, bufs: &mut [LayerViewMut<'_>]| {
+            bufs.par_iter_mut().enumerate().for_each(|(l, view)| {
+                let moves = moves_of(what, l, view).expect("validated");
+                for m in &moves {
+                    apply_validated(view, m);
+                }
+            });
+        };
+        rayon::join(
+            || run("K", k),
+            || {
+                if let Some(v) = v {
+                    run("V", v)
+                }
+            },
+        );
+        Ok(())
     }
 }
