@@ -1,7 +1,32 @@
 //! The whole compression step for one sequence: budgets, scores, selection and cell moves.
 //!
-//! TODO(helper B): implement `build`; helper A implements `Plan::compact` (it only calls
-//! `compact::validate` / `compact::apply`).
+//! [`Plan::compact`] only calls `compact::validate` / `compact::apply`.
+//!
+//! # Algorithm of [`build`]
+//!
+//! ```text
+//! build(params, shape, profile, cells, layers):
+//!     validate everything (see `build`'s doc); n = len(cells); window [ws, we) = [we - w, we)
+//!     avg = params.budget, or ceil(ratio * n)
+//!     method          heads of layer l                  allocation
+//!     CompressKV      profile.srh(l, n_srh)             Weighted(profile.layer_weights), floor min(floor, avg)
+//!       no profile    all heads (fallback_all_heads)    Uniform
+//!     SnapKV          all heads                         Uniform
+//!     PyramidKV       all heads                         Pyramid(beta)
+//!     StreamingLLM    none                              Uniform (n_sink 4 when 0)
+//!     budget_l = allocate(allocation, avg, n_layer)
+//!     k_l = min(fill ? max_l budget_l : budget_l, n)
+//!     for each layer l (in parallel):
+//!         StreamingLLM:          kept = streaming(n, window, n_sink, k_l)
+//!         k_l >= n or ws == 0:   kept = 0..n (nothing to score)
+//!         otherwise:
+//!             raw[h] = head_scores(K_l, cells, Q_l, window, h)      for every head some group reads
+//!             p[h]   = pool(raw[h], pool_kernel, pool)
+//!             per layer:    s = mean of p[h] over the layer's heads;       kept = select(s, .., k_l, chunk)
+//!             per KV head:  s_g = mean of p[h] over the layer's heads in group g (all of g's heads when
+//!                           none of them is among the layer's); kept_g = select(s_g, .., k_l, chunk)
+//!         group plan: kept, src = cells[kept], dst = dst_cells(cells, len(kept))
+//! ```
 //!
 //! Invariants of a [`Plan`]:
 //! - `layers.len() == n_layer`; each layer has 1 group (per-layer selection) or `n_head_kv` groups
@@ -19,6 +44,13 @@ use crate::error::Result;
 use crate::layout::{LayerView, LayerViewMut};
 use crate::profile::Profile;
 use crate::score::{Heads, PoolKind};
+
+use rayon::prelude::*;
+
+use crate::budget::allocate;
+use crate::error::Error;
+use crate::score::{check_keys, head_scores, pool};
+use crate::select::{select, streaming};
 
 /// Scoring / eviction method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +197,33 @@ pub struct Plan {
 
 /// Build a plan. `cells[i]` is the cell of token `i` (positions ascending); `layers.len() == n_layer`.
 /// Validates every input (shapes, window inside the prompt, budget > 0, queries length, profile shape).
+///
+/// Everything is validated before any scoring starts; every error is [`Error::InvalidArg`] naming the
+/// bad value, except a profile that does not match `shape` ([`Error::Profile`]) and the key buffer
+/// checks of [`LayerView`] (already done when the views were made). Checked:
+/// - `shape` (non-zero, `n_head % n_head_kv == 0`), `layers.len() == n_layer`, a non-empty `cells`
+///   with distinct values, each `< n_cells` of every layer's keys;
+/// - the budget: `budget > 0`, or `budget == 0` and `ratio` in `(0, 1]`, giving `ceil(ratio * n)` with
+///   `ratio` read as its shortest decimal (0.1 of 1000 tokens is 100, not 101);
+/// - `window >= 1` and `window <= window_end <= n` (`window_end` defaults to `n`);
+/// - `pool_kernel` odd, or 0 / 1 (no pooling);
+/// - every layer's keys: `n_embd == n_head_kv * head_dim`, `head_dim` a whole number of blocks;
+/// - queries: exactly `window * n_head * head_dim` floats per layer (StreamingLLM: that or none);
+/// - CompressKV with a profile: `n_srh >= 1`; the profile's model shape, `head_ranking` and
+///   `layer_weights` lengths match `shape`; the first `n_srh` heads of every layer are distinct and
+///   `< n_head`; the weights are valid for [`crate::budget::allocate`]. Other methods ignore the profile.
+///
+/// Resolution and edge cases:
+/// - The weighted floor is `min(params.floor, avg)`, so a small budget with the default floor works.
+/// - `Plan::params` holds the resolved `window_end`, `budget` (the average used, also when it came from
+///   `ratio`) and, for StreamingLLM, `n_sink`.
+/// - `LayerPlan::budget` is the allocated budget, not clamped to `n` (the budgets sum to `avg *
+///   n_layer`); a layer keeps `min(budget, n)` tokens (fill form: `min(max budget, n)`), or the
+///   sinks + window + suffix when these alone are more.
+/// - Per-KV-head selection: a KV group none of whose query heads is among the layer's heads (a
+///   CompressKV layer whose SRHs read other KV heads) is scored with all of its own query heads.
+///   `heads_used` lists the layer's heads, then any such fallback heads (ascending).
+/// - `ms_score` is the wall time of the whole call.
 pub fn build(
     params: &Params,
     shape: Shape,
@@ -172,8 +231,296 @@ pub fn build(
     cells: &[u32],
     layers: &[LayerInput<'_>],
 ) -> Result<Plan> {
-    let _ = (params, shape, profile, cells, layers);
-    unimplemented!()
+    let t0 = std::time::Instant::now();
+    let n = cells.len();
+    let h = shape.heads;
+    h.validate()?;
+    if shape.n_layer == 0 || layers.len() != shape.n_layer {
+        return Err(Error::InvalidArg(format!(
+            "{} layer inputs for n_layer {}",
+            layers.len(),
+            shape.n_layer
+        )));
+    }
+    if n == 0 {
+        return Err(Error::InvalidArg("empty sequence: no cells".into()));
+    }
+    check_distinct(cells)?;
+
+    let avg = resolve_budget(params, n)?;
+    if params.window == 0 {
+        return Err(Error::InvalidArg(
+            "window length 0: the observation window needs at least one token".into(),
+        ));
+    }
+    let we = params.window_end.unwrap_or(n);
+    if we > n || params.window > we {
+        return Err(Error::InvalidArg(format!(
+            "window of {} tokens ending at {we} is not inside the {n} tokens of the sequence",
+            params.window
+        )));
+    }
+    let window = we - params.window..we;
+    if params.pool_kernel > 1 && params.pool_kernel % 2 == 0 {
+        return Err(Error::InvalidArg(format!(
+            "pool_kernel {} is even; use an odd kernel",
+            params.pool_kernel
+        )));
+    }
+
+    let streaming_only = params.method == Method::StreamingLlm;
+    let want_q = params.window * h.n_head * h.head_dim;
+    for (l, li) in layers.iter().enumerate() {
+        check_keys(&li.keys, cells, h).map_err(|e| Error::InvalidArg(format!("layer {l}: {}", e.message())))?;
+        let ok = li.queries.len() == want_q || (streaming_only && li.queries.is_empty());
+        if !ok {
+            return Err(Error::InvalidArg(format!(
+                "layer {l}: queries hold {} floats, expected window {} * n_head {} * head_dim {} = {want_q}",
+                li.queries.len(),
+                params.window,
+                h.n_head,
+                h.head_dim
+            )));
+        }
+    }
+
+    // Method: heads per layer and the allocation.
+    let all_heads: Vec<usize> = (0..h.n_head).collect();
+    let (heads, allocation, floor, fallback) = match (params.method, profile) {
+        (Method::CompressKv, Some(p)) => {
+            check_profile(p, params.n_srh, shape)?;
+            let heads = (0..shape.n_layer).map(|l| p.srh(l, params.n_srh).to_vec()).collect();
+            (
+                heads,
+                Allocation::Weighted(p.layer_weights.clone()),
+                params.floor.min(avg),
+                false,
+            )
+        }
+        (Method::CompressKv, None) => (vec![all_heads; shape.n_layer], Allocation::Uniform, 0, true),
+        (Method::SnapKv, _) => (vec![all_heads; shape.n_layer], Allocation::Uniform, 0, false),
+        (Method::PyramidKv, _) => (
+            vec![all_heads; shape.n_layer],
+            Allocation::Pyramid {
+                beta: params.pyramid_beta,
+            },
+            0,
+            false,
+        ),
+        (Method::StreamingLlm, _) => (vec![Vec::new(); shape.n_layer], Allocation::Uniform, 0, false),
+    };
+    let budgets = allocate(&allocation, avg, shape.n_layer, floor).map_err(|e| match (&allocation, e) {
+        (Allocation::Weighted(_), Error::InvalidArg(m)) => Error::Profile(format!("profile layer_weights: {m}")),
+        (_, e) => e,
+    })?;
+
+    let mut resolved = params.clone();
+    resolved.window_end = Some(we);
+    resolved.budget = avg;
+    if streaming_only && resolved.n_sink == 0 {
+        resolved.n_sink = 4;
+    }
+    let fill_k = budgets.iter().copied().max().unwrap_or(0).min(n);
+
+    let ctx = LayerCtx {
+        params: &resolved,
+        heads: h,
+        cells,
+        window: window.clone(),
+    };
+    let layer_plans: Vec<LayerPlan> = layers
+        .par_iter()
+        .zip(budgets.par_iter())
+        .zip(heads.into_par_iter())
+        .map(|((li, &budget), used)| {
+            let k = if resolved.fill { fill_k } else { budget.min(n) };
+            ctx.plan_layer(li, budget, k, used)
+        })
+        .collect::<Result<_>>()?;
+
+    let n_slots = layer_plans
+        .iter()
+        .flat_map(|lp| lp.groups.iter().map(|g| g.kept.len()))
+        .max()
+        .unwrap_or(0);
+    Ok(Plan {
+        params: resolved,
+        shape,
+        n_tokens: n,
+        window,
+        allocation,
+        layers: layer_plans,
+        n_slots,
+        fallback_all_heads: fallback,
+        ms_score: t0.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// The average budget: `params.budget`, or `ceil(ratio * n)` (see [`build`]).
+fn resolve_budget(params: &Params, n: usize) -> Result<usize> {
+    if params.budget > 0 {
+        return Ok(params.budget);
+    }
+    let r = params.ratio;
+    if !(r.is_finite() && r > 0.0 && r <= 1.0) {
+        return Err(Error::InvalidArg(format!("budget is 0 and ratio {r} is not in (0, 1]")));
+    }
+    // The shortest decimal that reads back as `r` (0.1f32 -> 0.1), so that ceil() does not round up
+    // the f32 representation error; the tiny slack absorbs the f64 product's own rounding.
+    let r: f64 = r.to_string().parse().unwrap_or(r as f64);
+    let x = r * n as f64;
+    Ok(((x - 1e-9 * x.max(1.0)).ceil() as usize).clamp(1, n))
+}
+
+fn check_distinct(cells: &[u32]) -> Result<()> {
+    let mut sorted = cells.to_vec();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        let first = cells.iter().position(|&c| c == w[0]).unwrap_or(0);
+        let second = cells.iter().rposition(|&c| c == w[0]).unwrap_or(0);
+        return Err(Error::InvalidArg(format!(
+            "cell {} holds both token {first} and token {second}",
+            w[0]
+        )));
+    }
+    Ok(())
+}
+
+fn check_profile(p: &Profile, n_srh: usize, shape: Shape) -> Result<()> {
+    let perr = |m: String| Err(Error::Profile(m));
+    if n_srh == 0 {
+        return Err(Error::InvalidArg(
+            "n_srh is 0: CompressKV needs at least one SRH per layer".into(),
+        ));
+    }
+    let h = shape.heads;
+    let m = &p.model;
+    let mut diff = Vec::new();
+    for (name, have, want) in [
+        ("n_layer", m.n_layer, shape.n_layer),
+        ("n_head", m.n_head, h.n_head),
+        ("n_head_kv", m.n_head_kv, h.n_head_kv),
+        ("head_dim", m.head_dim, h.head_dim),
+    ] {
+        if have != want {
+            diff.push(format!("{name} {have} (model: {want})"));
+        }
+    }
+    if !diff.is_empty() {
+        return perr(format!("profile is for another shape: {}", diff.join(", ")));
+    }
+    if p.head_ranking.len() != shape.n_layer {
+        return perr(format!(
+            "profile head_ranking has {} layers, model has {}",
+            p.head_ranking.len(),
+            shape.n_layer
+        ));
+    }
+    if p.layer_weights.len() != shape.n_layer {
+        return perr(format!(
+            "profile layer_weights has {} values, model has {} layers",
+            p.layer_weights.len(),
+            shape.n_layer
+        ));
+    }
+    for l in 0..shape.n_layer {
+        let srh = p.srh(l, n_srh);
+        if srh.is_empty() {
+            return perr(format!("profile head_ranking[{l}] is empty"));
+        }
+        for (j, &x) in srh.iter().enumerate() {
+            if x >= h.n_head {
+                return perr(format!(
+                    "profile head_ranking[{l}] names head {x} (n_head {})",
+                    h.n_head
+                ));
+            }
+            if srh[..j].contains(&x) {
+                return perr(format!("profile head_ranking[{l}] names head {x} twice"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What every layer shares.
+struct LayerCtx<'a> {
+    params: &'a Params,
+    heads: Heads,
+    cells: &'a [u32],
+    window: std::ops::Range<usize>,
+}
+
+impl LayerCtx<'_> {
+    /// Plan one layer keeping `k` tokens per group, scored by the query heads `used`.
+    fn plan_layer(&self, li: &LayerInput<'_>, budget: usize, k: usize, used: Vec<usize>) -> Result<LayerPlan> {
+        let p = self.params;
+        let (n, h) = (self.cells.len(), self.heads);
+        let (n_groups, gs) = if p.per_head {
+            (h.n_head_kv, h.group_size())
+        } else {
+            (1, h.n_head)
+        };
+        // Heads of each group (indices into `used` and the fallback heads appended to it).
+        let mut heads_used = used;
+        let n_used = heads_used.len();
+        let mut group_heads: Vec<Vec<usize>> = Vec::with_capacity(n_groups);
+        if p.method != Method::StreamingLlm {
+            for g in 0..n_groups {
+                let mine: Vec<usize> = (0..n_used).filter(|&j| heads_used[j] / gs == g).collect();
+                if !mine.is_empty() {
+                    group_heads.push(mine);
+                } else {
+                    let start = heads_used.len();
+                    heads_used.extend(g * gs..(g + 1) * gs);
+                    group_heads.push((start..heads_used.len()).collect());
+                }
+            }
+        }
+
+        let ws = self.window.start;
+        let kept: Vec<Vec<u32>> = if p.method == Method::StreamingLlm {
+            vec![streaming(n, self.window.clone(), p.n_sink, k); n_groups]
+        } else if k >= n || ws == 0 {
+            vec![(0..n as u32).collect(); n_groups]
+        } else {
+            let raw = head_scores(&li.keys, self.cells, h, li.queries, self.window.clone(), &heads_used)?;
+            let pooled: Vec<Vec<f32>> = raw.iter().map(|s| pool(s, p.pool_kernel, p.pool)).collect();
+            group_heads
+                .iter()
+                .map(|gh| {
+                    let s = mean_of(&pooled, gh, ws);
+                    select(&s, n, self.window.clone(), p.n_sink, k, p.chunk)
+                })
+                .collect()
+        };
+
+        let groups = kept
+            .into_iter()
+            .map(|kept| {
+                let src = kept.iter().map(|&i| self.cells[i as usize]).collect();
+                let dst = crate::compact::dst_cells(self.cells, kept.len());
+                GroupPlan { kept, src, dst }
+            })
+            .collect();
+        Ok(LayerPlan {
+            budget,
+            groups,
+            heads_used,
+        })
+    }
+}
+
+/// Element-wise mean of the vectors `pooled[j]`, `j` in `which` (summed in f64, in `which` order).
+fn mean_of(pooled: &[Vec<f32>], which: &[usize], len: usize) -> Vec<f32> {
+    let mut acc = vec![0f64; len];
+    for &j in which {
+        for (a, &x) in acc.iter_mut().zip(&pooled[j]) {
+            *a += x as f64;
+        }
+    }
+    let c = which.len() as f64;
+    acc.into_iter().map(|a| (a / c) as f32).collect()
 }
 
 impl Plan {
@@ -278,5 +625,174 @@ impl Plan {
             },
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Geometry;
+    use crate::types::GgmlType;
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn one_head() -> Shape {
+        Shape {
+            n_layer: 1,
+            heads: Heads {
+                n_head: 1,
+                n_head_kv: 1,
+                head_dim: 1,
+            },
+        }
+    }
+
+    fn params(method: Method, budget: usize) -> Params {
+        Params {
+            method,
+            budget,
+            window: 1,
+            pool_kernel: 1,
+            ..Params::default()
+        }
+    }
+
+    #[test]
+    fn snapkv_by_hand() {
+        // token t's key is keys[t]; query 1: token 1 scores best, then 3, then 2.
+        let keys = [0.0, 3.0, 1.0, 2.0, 0.0, 0.0];
+        // cells reversed: token t lives in cell 5 - t
+        let cells = [5, 4, 3, 2, 1, 0];
+        let mut buf = vec![0f32; 6];
+        for (t, &c) in cells.iter().enumerate() {
+            buf[c as usize] = keys[t];
+        }
+        let bytes = f32_bytes(&buf);
+        let view = LayerView::new(Geometry::rows(GgmlType::F32, 1, 6).unwrap(), &bytes).unwrap();
+        let li = [LayerInput {
+            keys: view,
+            queries: &[1.0],
+        }];
+        let plan = build(&params(Method::SnapKv, 3), one_head(), None, &cells, &li).unwrap();
+        let g = &plan.layers[0].groups[0];
+        assert_eq!(g.kept, vec![1, 3, 5]);
+        assert_eq!(g.src, vec![4, 2, 0]);
+        assert_eq!(g.dst, vec![0, 1, 2]);
+        assert_eq!((plan.n_slots, plan.window.clone(), plan.layers[0].budget), (3, 5..6, 3));
+        assert_eq!(plan.layers[0].heads_used, vec![0]);
+        assert!(!plan.fallback_all_heads);
+        // CompressKV without a profile: the same, flagged
+        let plan = build(&params(Method::CompressKv, 3), one_head(), None, &cells, &li).unwrap();
+        assert_eq!(plan.layers[0].groups[0].kept, vec![1, 3, 5]);
+        assert!(plan.fallback_all_heads);
+        // budget >= n keeps everything; ratio 0.5 of 6 = 3
+        let plan = build(&params(Method::SnapKv, 6), one_head(), None, &cells, &li).unwrap();
+        assert_eq!(plan.layers[0].groups[0].kept, (0..6).collect::<Vec<u32>>());
+        let p = Params {
+            budget: 0,
+            ratio: 0.5,
+            ..params(Method::SnapKv, 0)
+        };
+        let plan = build(&p, one_head(), None, &cells, &li).unwrap();
+        assert_eq!(
+            (plan.params.budget, plan.layers[0].groups[0].kept.clone()),
+            (3, vec![1, 3, 5])
+        );
+        // StreamingLLM: no queries needed; sinks default to 4
+        let li = [LayerInput {
+            keys: view,
+            queries: &[],
+        }];
+        let plan = build(&params(Method::StreamingLlm, 5), one_head(), None, &cells, &li).unwrap();
+        assert_eq!(plan.layers[0].groups[0].kept, vec![0, 1, 2, 3, 5]);
+        assert_eq!(plan.params.n_sink, 4);
+        assert!(plan.layers[0].heads_used.is_empty());
+    }
+
+    #[test]
+    fn pyramid_fill_and_exact() {
+        let bytes = f32_bytes(&[0.5, 0.1, 0.4, 0.2, 0.3, 0.0, 0.0, 0.0]);
+        let view = LayerView::new(Geometry::rows(GgmlType::F32, 1, 8).unwrap(), &bytes).unwrap();
+        let li = [LayerInput {
+            keys: view,
+            queries: &[1.0],
+        }; 2];
+        let shape = Shape {
+            n_layer: 2,
+            ..one_head()
+        };
+        let cells: Vec<u32> = (0..8).collect();
+        // avg 3, beta 3: min 1, max 5 -> budgets 5, 1
+        let p = Params {
+            pyramid_beta: 3.0,
+            ..params(Method::PyramidKv, 3)
+        };
+        let plan = build(&p, shape, None, &cells, &li).unwrap();
+        assert_eq!(plan.allocation, Allocation::Pyramid { beta: 3.0 });
+        assert_eq!(plan.layers.iter().map(|l| l.budget).collect::<Vec<_>>(), vec![5, 1]);
+        for l in &plan.layers {
+            assert_eq!(l.groups[0].kept, vec![0, 2, 3, 4, 7]);
+        }
+        assert_eq!(plan.n_slots, 5);
+        let plan = build(&Params { fill: false, ..p }, shape, None, &cells, &li).unwrap();
+        assert_eq!(plan.layers[0].groups[0].kept, vec![0, 2, 3, 4, 7]);
+        assert_eq!(plan.layers[1].groups[0].kept, vec![7]);
+        assert_eq!(plan.layers[1].groups[0].dst, vec![0]);
+        assert_eq!(plan.n_slots, 5);
+    }
+
+    #[test]
+    fn errors_name_the_value() {
+        let bytes = f32_bytes(&[0.0; 4]);
+        let view = LayerView::new(Geometry::rows(GgmlType::F32, 1, 4).unwrap(), &bytes).unwrap();
+        let li = [LayerInput {
+            keys: view,
+            queries: &[1.0],
+        }];
+        let cells = [0, 1, 2, 3];
+        let p = params(Method::SnapKv, 2);
+        let e = |p: &Params, cells: &[u32], li: &[LayerInput<'_>]| {
+            build(p, one_head(), None, cells, li).unwrap_err().to_string()
+        };
+        assert!(e(&p, &[0, 1, 1, 3], &li).contains("cell 1 holds both token 1 and token 2"));
+        assert!(e(&p, &[0, 1, 2, 4], &li).contains("cell 4 of token 3"));
+        assert!(e(&p, &[], &li).contains("empty sequence"));
+        assert!(e(&p, &cells, &[]).contains("0 layer inputs for n_layer 1"));
+        assert!(e(
+            &Params {
+                budget: 0,
+                ratio: 1.5,
+                ..p.clone()
+            },
+            &cells,
+            &li
+        )
+        .contains("ratio 1.5"));
+        assert!(e(&Params { window: 0, ..p.clone() }, &cells, &li).contains("window length 0"));
+        assert!(e(
+            &Params {
+                window_end: Some(5),
+                ..p.clone()
+            },
+            &cells,
+            &li
+        )
+        .contains("ending at 5"));
+        assert!(e(
+            &Params {
+                pool_kernel: 4,
+                ..p.clone()
+            },
+            &cells,
+            &li
+        )
+        .contains("pool_kernel 4"));
+        let li2 = [LayerInput {
+            keys: view,
+            queries: &[],
+        }];
+        assert!(e(&p, &cells, &li2).contains("queries hold 0 floats"));
     }
 }

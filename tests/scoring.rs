@@ -1,0 +1,771 @@
+//! Property tests of scoring, selection, budgets and `plan::build` against the naive reference in
+//! `tests/reference`, over random shapes, windows, methods and options (f32 keys, random cell
+//! permutations), plus the error of every bad input.
+//!
+//! Kept sets are compared exactly. The one allowed exception: where the reference reports that its
+//! outcome hinged on two scores closer than `TOL` (relative to the largest score), the library's f32
+//! arithmetic may legitimately order them the other way; those groups get weaker checks, and the test
+//! fails if more than a small fraction of groups needs them.
+
+mod reference;
+
+use compresskv::budget::{allocate, Allocation};
+use compresskv::layout::{Geometry, LayerView};
+use compresskv::plan::{build, LayerInput, Method, Params, Plan, Shape};
+use compresskv::profile::{ModelIdentity, Profile};
+use compresskv::score::{head_scores, pool, Heads, PoolKind};
+use compresskv::select::select;
+use compresskv::types::GgmlType;
+use compresskv::Error;
+use reference as rf;
+
+/// Relative tolerance on every score (library f32 vs reference f64).
+const TOL: f64 = 2e-5;
+
+/// splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.below(hi - lo + 1)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn sym(&mut self) -> f32 {
+        (self.unit() * 2.0 - 1.0) as f32
+    }
+    fn coin(&mut self) -> bool {
+        self.next() & 1 == 1
+    }
+    fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())].clone()
+    }
+    fn shuffle<T>(&mut self, xs: &mut [T]) {
+        for i in (1..xs.len()).rev() {
+            xs.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// One random problem: a sequence in random cells of every layer's f32 K buffer, window queries,
+/// parameters and maybe a profile.
+struct Case {
+    params: Params,
+    shape: Shape,
+    profile: Option<Profile>,
+    cells: Vec<u32>,
+    n_cells: usize,
+    /// Elements per cell of the K buffers.
+    n_embd: usize,
+    /// Per layer, the K buffer by cell (cells no token occupies hold NaN).
+    key_bytes: Vec<Vec<u8>>,
+    /// Per layer, keys by token and the queries.
+    layers: Vec<rf::RefLayer>,
+}
+
+impl Case {
+    fn inputs(&self) -> Vec<LayerInput<'_>> {
+        let geom = Geometry::rows(GgmlType::F32, self.n_embd, self.n_cells).unwrap();
+        self.key_bytes
+            .iter()
+            .zip(&self.layers)
+            .map(|(b, l)| LayerInput {
+                keys: LayerView::new(geom, b).unwrap(),
+                queries: &l.queries,
+            })
+            .collect()
+    }
+    fn attn(&self) -> rf::Attn {
+        let h = self.shape.heads;
+        rf::Attn {
+            n_head: h.n_head,
+            n_head_kv: h.n_head_kv,
+            head_dim: h.head_dim,
+        }
+    }
+    fn build(&self) -> compresskv::Result<Plan> {
+        build(
+            &self.params,
+            self.shape,
+            self.profile.as_ref(),
+            &self.cells,
+            &self.inputs(),
+        )
+    }
+    fn n(&self) -> usize {
+        self.cells.len()
+    }
+}
+
+fn random_profile(rng: &mut Rng, shape: Shape) -> Profile {
+    let h = shape.heads;
+    let head_ranking = (0..shape.n_layer)
+        .map(|_| {
+            let mut r: Vec<usize> = (0..h.n_head).collect();
+            rng.shuffle(&mut r);
+            r
+        })
+        .collect();
+    let mut w: Vec<f64> = (0..shape.n_layer)
+        .map(|_| if rng.below(5) == 0 { 0.0 } else { rng.unit().powi(3) })
+        .collect();
+    if w.iter().sum::<f64>() == 0.0 {
+        w[0] = 1.0;
+    }
+    let s: f64 = w.iter().sum();
+    w.iter_mut().for_each(|x| *x /= s);
+    Profile {
+        version: 1,
+        model: ModelIdentity {
+            arch: "test".into(),
+            n_layer: shape.n_layer,
+            n_head: h.n_head,
+            n_head_kv: h.n_head_kv,
+            head_dim: h.head_dim,
+            fingerprint: "0000000000000000".into(),
+        },
+        head_ranking,
+        head_scores: vec![vec![0.0; h.n_head]; shape.n_layer],
+        layer_weights: w,
+        calibration: serde_json::Value::Null,
+    }
+}
+
+fn random_case(rng: &mut Rng) -> Case {
+    let n_head_kv = rng.range(1, 4);
+    let group = rng.range(1, 4);
+    let heads = Heads {
+        n_head: n_head_kv * group,
+        n_head_kv,
+        head_dim: rng.pick(&[32, 64]),
+    };
+    let shape = Shape {
+        n_layer: rng.range(1, 3),
+        heads,
+    };
+    let n = rng.range(1, 300);
+    let window = rng.range(1, n.min(16));
+    let window_end = if rng.coin() { None } else { Some(rng.range(window, n)) };
+    let method = rng.pick(&[
+        Method::CompressKv,
+        Method::SnapKv,
+        Method::PyramidKv,
+        Method::StreamingLlm,
+    ]);
+    let (budget, ratio) = match rng.below(8) {
+        0 => (0, rng.pick(&[0.25f32, 0.5, 1.0])),
+        1 => (rng.range(n, 2 * n + 10), 0.0),
+        _ => (rng.range(1, n + 10), 0.0),
+    };
+    let params = Params {
+        method,
+        budget,
+        ratio,
+        window,
+        window_end,
+        n_sink: rng.pick(&[0, 0, 1, 4]),
+        pool_kernel: rng.pick(&[1, 3, 5, 15]),
+        pool: rng.pick(&[PoolKind::Avg, PoolKind::Max]),
+        chunk: rng.pick(&[0, 8, 16]),
+        n_srh: rng.range(1, heads.n_head),
+        per_head: rng.coin(),
+        fill: rng.coin(),
+        floor: rng.pick(&[0, 1, 4, 32]),
+        pyramid_beta: rng.pick(&[1.0, 2.5, 20.0]),
+    };
+    let profile = (method == Method::CompressKv && rng.below(4) != 0).then(|| random_profile(rng, shape));
+
+    let n_cells = n + rng.below(20);
+    let mut all: Vec<u32> = (0..n_cells as u32).collect();
+    rng.shuffle(&mut all);
+    let cells = all[..n].to_vec();
+    let n_embd = n_head_kv * heads.head_dim;
+    let amp = rng.pick(&[0.5f32, 1.0, 2.0, 3.0]);
+    let we = window_end.unwrap_or(n);
+    // Keys the library must never read are NaN: unused cells, and (sometimes) the suffix after the window.
+    let nan_suffix = rng.coin();
+    let mut key_bytes = Vec::new();
+    let mut layers = Vec::new();
+    for _ in 0..shape.n_layer {
+        let keys: Vec<Vec<f32>> = (0..n)
+            .map(|t| {
+                (0..n_embd)
+                    .map(|_| {
+                        if nan_suffix && t >= we {
+                            f32::NAN
+                        } else {
+                            rng.sym() * amp
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut by_cell = vec![f32::NAN; n_cells * n_embd];
+        for (t, &c) in cells.iter().enumerate() {
+            by_cell[c as usize * n_embd..][..n_embd].copy_from_slice(&keys[t]);
+        }
+        key_bytes.push(by_cell.iter().flat_map(|x| x.to_le_bytes()).collect());
+        let queries = (0..window * heads.n_head * heads.head_dim)
+            .map(|_| rng.sym() * amp)
+            .collect();
+        layers.push(rf::RefLayer { keys, queries });
+    }
+    Case {
+        params,
+        shape,
+        profile,
+        cells,
+        n_cells,
+        n_embd,
+        key_bytes,
+        layers,
+    }
+}
+
+/// Tallies of one or more compared plans.
+#[derive(Default, Debug)]
+struct Tally {
+    groups: usize,
+    scored: usize,
+    tight: usize,
+    differing: usize,
+}
+
+/// Compare a built plan with the reference plan; panics with the case's description on a mismatch.
+fn check_case(case: &Case, tally: &mut Tally) {
+    let plan = case
+        .build()
+        .unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", case.params));
+    let r = rf::plan(&case.params, case.attn(), case.profile.as_ref(), &case.layers);
+    let n = case.n();
+    let ctx = || format!("params {:?} shape {:?} n {n}", case.params, case.shape);
+
+    // budgets and resolution
+    let budgets: Vec<usize> = plan.layers.iter().map(|l| l.budget).collect();
+    assert_eq!(budgets, r.budgets, "{}", ctx());
+    assert_eq!(budgets.iter().sum::<usize>(), r.avg * case.shape.n_layer, "{}", ctx());
+    assert_eq!(plan.params.budget, r.avg, "{}", ctx());
+    assert_eq!(plan.params.window_end, Some(r.window.1), "{}", ctx());
+    assert_eq!(plan.params.n_sink, r.n_sink, "{}", ctx());
+    assert_eq!(plan.window, r.window.0..r.window.1, "{}", ctx());
+    assert_eq!(plan.allocation, r.allocation, "{}", ctx());
+    assert_eq!(plan.fallback_all_heads, r.fallback, "{}", ctx());
+    assert_eq!(plan.n_tokens, n);
+    assert_eq!(plan.layers.len(), case.shape.n_layer);
+
+    let (ws, we) = r.window;
+    let n_groups = if case.params.per_head {
+        case.shape.heads.n_head_kv
+    } else {
+        1
+    };
+    let mut max_kept = 0;
+    for (l, lp) in plan.layers.iter().enumerate() {
+        let expect_heads: Vec<usize> = if case.params.method == Method::StreamingLlm {
+            Vec::new()
+        } else {
+            r.heads_used[l].clone()
+        };
+        assert_eq!(lp.heads_used, expect_heads, "layer {l} {}", ctx());
+        assert_eq!(lp.groups.len(), n_groups, "{}", ctx());
+        let k = if case.params.fill {
+            (*r.budgets.iter().max().unwrap()).min(n)
+        } else {
+            r.budgets[l].min(n)
+        };
+        let sinks = r.n_sink.min(ws);
+        let always = sinks + (n - ws);
+        for (g, gp) in lp.groups.iter().enumerate() {
+            tally.groups += 1;
+            let kept = &gp.kept;
+            max_kept = max_kept.max(kept.len());
+            // structure
+            assert!(
+                kept.windows(2).all(|p| p[0] < p[1]),
+                "not ascending: {kept:?} {}",
+                ctx()
+            );
+            assert_eq!(
+                kept.len(),
+                if k >= n { n } else { k.max(always) },
+                "layer {l} group {g} {}",
+                ctx()
+            );
+            let set: std::collections::HashSet<u32> = kept.iter().cloned().collect();
+            assert!(
+                (ws..n).all(|i| set.contains(&(i as u32))),
+                "window/suffix dropped {}",
+                ctx()
+            );
+            assert!((0..sinks).all(|i| set.contains(&(i as u32))), "sink dropped {}", ctx());
+            assert!(kept.iter().all(|&i| (i as usize) < n));
+            let src: Vec<u32> = kept.iter().map(|&i| case.cells[i as usize]).collect();
+            assert_eq!(gp.src, src);
+            let mut low = case.cells.clone();
+            low.sort_unstable();
+            assert_eq!(gp.dst, low[..kept.len()].to_vec());
+            // against the reference
+            let sel = &r.groups[l][g];
+            let tight = sel.margin <= TOL;
+            if !r.scores[l].is_empty() {
+                tally.scored += 1;
+            }
+            tally.tight += tight as usize;
+            if *kept == sel.kept {
+                continue;
+            }
+            assert!(
+                tight,
+                "layer {l} group {g}: kept {kept:?}\nreference {:?} (margin {:e})\n{}",
+                sel.kept,
+                sel.margin,
+                ctx()
+            );
+            tally.differing += 1;
+            assert_eq!(kept.len(), sel.kept.len());
+            if case.params.chunk <= 1 {
+                // token level: nothing dropped may beat anything kept by more than the tolerance
+                let s = &r.scores[l][g];
+                let kept_min = (0..ws)
+                    .filter(|i| set.contains(&(*i as u32)))
+                    .map(|i| s[i])
+                    .fold(f64::INFINITY, f64::min);
+                let dropped_max = (0..ws)
+                    .filter(|i| !set.contains(&(*i as u32)))
+                    .map(|i| s[i])
+                    .fold(f64::NEG_INFINITY, f64::max);
+                assert!(dropped_max <= kept_min * (1.0 + TOL), "{}", ctx());
+            }
+        }
+    }
+    let _ = we;
+    assert_eq!(plan.n_slots, max_kept, "{}", ctx());
+}
+
+#[test]
+fn plans_match_reference() {
+    let mut rng = Rng(0x5eed_0001);
+    let mut tally = Tally::default();
+    let cases = 250;
+    for _ in 0..cases {
+        let case = random_case(&mut rng);
+        check_case(&case, &mut tally);
+    }
+    eprintln!("{cases} cases: {tally:?}");
+    assert!(tally.scored >= tally.groups / 3, "too few scored groups: {tally:?}");
+    assert!(
+        tally.tight * 10 <= tally.scored,
+        "too many near-ties to be a strict test: {tally:?}"
+    );
+}
+
+#[test]
+fn every_method_and_option_is_exercised() {
+    // A fixed sweep over the discrete options on one mid-sized shape, so that every combination runs.
+    let mut rng = Rng(0x5eed_0002);
+    let mut tally = Tally::default();
+    for method in [
+        Method::CompressKv,
+        Method::SnapKv,
+        Method::PyramidKv,
+        Method::StreamingLlm,
+    ] {
+        for per_head in [false, true] {
+            for fill in [false, true] {
+                for chunk in [0, 8, 16] {
+                    for pool in [PoolKind::Avg, PoolKind::Max] {
+                        let mut case = random_case(&mut rng);
+                        case.params.method = method;
+                        case.params.per_head = per_head;
+                        case.params.fill = fill;
+                        case.params.chunk = chunk;
+                        case.params.pool = pool;
+                        if method == Method::CompressKv && case.profile.is_none() && rng.coin() {
+                            case.profile = Some(random_profile(&mut rng, case.shape));
+                        }
+                        check_case(&case, &mut tally);
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("sweep: {tally:?}");
+}
+
+#[test]
+fn head_scores_and_pooling_match_reference() {
+    let mut rng = Rng(0x5eed_0003);
+    let mut worst = 0f64;
+    for _ in 0..60 {
+        let case = random_case(&mut rng);
+        let a = case.attn();
+        let n = case.n();
+        let we = case.params.window_end.unwrap_or(n);
+        let ws = we - case.params.window;
+        let inputs = case.inputs();
+        for (l, li) in inputs.iter().enumerate() {
+            let heads: Vec<usize> = (0..a.n_head).rev().collect();
+            let got = head_scores(&li.keys, &case.cells, case.shape.heads, li.queries, ws..we, &heads).unwrap();
+            assert_eq!(got.len(), heads.len());
+            for (j, &h) in heads.iter().enumerate() {
+                let want = rf::head_scores(&case.layers[l].keys, &case.layers[l].queries, a, ws, we, h);
+                assert_eq!(got[j].len(), ws);
+                for k in [1, 3, 5, 15] {
+                    for kind in [PoolKind::Avg, PoolKind::Max] {
+                        let p = pool(&got[j], k, kind);
+                        let q = rf::pool(&want, k, kind);
+                        for (x, y) in p.iter().zip(&q) {
+                            assert!(*y > 0.0, "scores are sums of probabilities");
+                            let e = (*x as f64 - y).abs() / y;
+                            worst = worst.max(e);
+                            assert!(e <= TOL / 10.0, "pooled score {x} vs {y} (k {k} {kind:?})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("worst relative error of a score: {worst:e}");
+}
+
+#[test]
+fn selection_matches_reference_on_identical_scores() {
+    // Same f32 scores into the library and (as f64) into the reference: no rounding, exact equality.
+    let mut rng = Rng(0x5eed_0004);
+    for _ in 0..3000 {
+        let n = rng.range(1, 200);
+        let we = rng.range(0, n);
+        let ws = rng.range(0, we);
+        let levels = rng.pick(&[3usize, 10, 1000]); // few levels: many ties
+        let scores: Vec<f32> = (0..ws).map(|_| rng.below(levels) as f32 / levels as f32).collect();
+        let s64: Vec<f64> = scores.iter().map(|&x| x as f64).collect();
+        let n_sink = rng.pick(&[0, 1, 4, 300]);
+        let k = rng.range(0, n + 3);
+        let chunk = rng.pick(&[0, 1, 2, 8, 16, 500]);
+        let got = select(&scores, n, ws..we, n_sink, k, chunk);
+        let want = rf::select(&s64, n, ws, we, n_sink, k, chunk);
+        assert_eq!(
+            got, want.kept,
+            "n {n} window {ws}..{we} sink {n_sink} k {k} chunk {chunk} {scores:?}"
+        );
+        let got = compresskv::select::streaming(n, ws..we, n_sink, k);
+        assert_eq!(
+            got,
+            rf::streaming(n, ws, n_sink, k),
+            "streaming n {n} window {ws}..{we} sink {n_sink} k {k}"
+        );
+    }
+}
+
+#[test]
+fn budgets_match_reference_and_sum_exactly() {
+    let mut rng = Rng(0x5eed_0005);
+    for _ in 0..3000 {
+        let n_layer = rng.range(1, 40);
+        let any = rng.range(1, 5000);
+        let avg = rng.pick(&[1, 2, 3, 7, 32, 100, 256, 1000, any]);
+        let floor = rng.range(0, avg.min(64));
+        let mut w: Vec<f64> = (0..n_layer).map(|_| rng.unit().powi(rng.range(1, 6) as i32)).collect();
+        let s: f64 = w.iter().sum();
+        w.iter_mut().for_each(|x| *x /= s);
+        for alloc in [
+            Allocation::Uniform,
+            Allocation::Pyramid {
+                beta: rng.pick(&[1.0, 1.5, 5.0, 20.0, 100.0]),
+            },
+            Allocation::Weighted(w.clone()),
+        ] {
+            let got = allocate(&alloc, avg, n_layer, floor).unwrap();
+            assert_eq!(
+                got,
+                rf::allocate(&alloc, avg, n_layer, floor),
+                "{alloc:?} avg {avg} L {n_layer} floor {floor}"
+            );
+            assert_eq!(got.iter().sum::<usize>(), avg * n_layer);
+            if let Allocation::Weighted(_) = alloc {
+                assert!(got.iter().all(|&b| b >= floor && b <= 3 * avg), "{got:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn budget_at_least_n_keeps_everything() {
+    let mut rng = Rng(0x5eed_0006);
+    for _ in 0..60 {
+        let mut case = random_case(&mut rng);
+        let n = case.n();
+        case.params.budget = rng.range(n, 3 * n);
+        case.params.floor = 0;
+        // weighted and pyramid budgets vary by layer; the fill form gives every layer the maximum
+        let plan = case.build().unwrap();
+        for (l, lp) in plan.layers.iter().enumerate() {
+            let k = if case.params.fill {
+                plan.layers.iter().map(|l| l.budget).max().unwrap()
+            } else {
+                lp.budget
+            };
+            if k < n {
+                continue;
+            }
+            for gp in &lp.groups {
+                assert_eq!(gp.kept, (0..n as u32).collect::<Vec<_>>(), "layer {l}");
+                assert_eq!(gp.src, case.cells);
+            }
+        }
+        if case.params.method == Method::SnapKv || case.params.method == Method::StreamingLlm {
+            assert_eq!(plan.n_slots, n);
+        }
+    }
+}
+
+/// The error of building `case` after `edit`: its variant must be `kind` and its message contain `text`.
+fn expect_err(case: &Case, edit: impl FnOnce(&mut Case), kind: fn(&Error) -> bool, text: &str) {
+    let mut c = Case {
+        params: case.params.clone(),
+        shape: case.shape,
+        profile: case.profile.clone(),
+        cells: case.cells.clone(),
+        n_cells: case.n_cells,
+        n_embd: case.n_embd,
+        key_bytes: case.key_bytes.clone(),
+        layers: case
+            .layers
+            .iter()
+            .map(|l| rf::RefLayer {
+                keys: l.keys.clone(),
+                queries: l.queries.clone(),
+            })
+            .collect(),
+    };
+    edit(&mut c);
+    match c.build() {
+        Ok(_) => panic!("expected an error containing {text:?}"),
+        Err(e) => {
+            assert!(kind(&e), "wrong error kind: {e}");
+            assert!(
+                e.to_string().contains(text),
+                "message {:?} lacks {text:?}",
+                e.to_string()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_bad_input_is_an_error_naming_it() {
+    let mut rng = Rng(0x5eed_0007);
+    let mut case = random_case(&mut rng);
+    while case.n() < 40 || case.shape.heads.n_head_kv < 2 || case.params.window < 2 {
+        case = random_case(&mut rng);
+    }
+    let w = case.params.window;
+    case.params.method = Method::CompressKv;
+    case.params.window_end = None;
+    case.params.budget = 16;
+    case.profile = Some(random_profile(&mut rng, case.shape));
+    case.build().expect("the base case is valid");
+    let n = case.n();
+    let inv = |e: &Error| matches!(e, Error::InvalidArg(_));
+    let prof = |e: &Error| matches!(e, Error::Profile(_));
+    let nl = case.shape.n_layer;
+    let h = case.shape.heads;
+
+    expect_err(
+        &case,
+        |c| c.shape.n_layer += 1,
+        inv,
+        &format!("{nl} layer inputs for n_layer {}", nl + 1),
+    );
+    expect_err(&case, |c| c.shape.heads.n_head_kv += 1, inv, "n_head_kv");
+    expect_err(&case, |c| c.shape.heads.n_head_kv = 0, inv, "n_head_kv 0");
+    expect_err(
+        &case,
+        |c| c.shape.heads.head_dim *= 2,
+        inv,
+        &format!(
+            "key n_embd {} != n_head_kv {} * head_dim {}",
+            h.n_head_kv * h.head_dim,
+            h.n_head_kv,
+            2 * h.head_dim
+        ),
+    );
+    expect_err(
+        &case,
+        |c| c.cells[3] = c.cells[7],
+        inv,
+        "holds both token 3 and token 7",
+    );
+    expect_err(
+        &case,
+        |c| c.cells[5] = c.n_cells as u32,
+        inv,
+        &format!("cell {} of token 5", case.n_cells),
+    );
+    expect_err(&case, |c| c.cells.clear(), inv, "empty sequence");
+    expect_err(&case, |c| c.params.budget = 0, inv, "ratio 0");
+    expect_err(
+        &case,
+        |c| {
+            c.params.budget = 0;
+            c.params.ratio = 1.25;
+        },
+        inv,
+        "ratio 1.25",
+    );
+    expect_err(
+        &case,
+        |c| {
+            c.params.budget = 0;
+            c.params.ratio = f32::NAN;
+        },
+        inv,
+        "ratio NaN",
+    );
+    expect_err(&case, |c| c.params.window = 0, inv, "window length 0");
+    expect_err(
+        &case,
+        |c| c.params.window_end = Some(n + 1),
+        inv,
+        &format!("ending at {}", n + 1),
+    );
+    expect_err(
+        &case,
+        |c| c.params.window_end = Some(w - 1),
+        inv,
+        &format!("window of {w} tokens ending at {}", w - 1),
+    );
+    expect_err(&case, |c| c.params.pool_kernel = 6, inv, "pool_kernel 6");
+    expect_err(
+        &case,
+        |c| c.layers[0].queries.pop().map(|_| ()).unwrap(),
+        inv,
+        "layer 0: queries hold",
+    );
+    expect_err(
+        &case,
+        |c| {
+            c.params.method = Method::SnapKv;
+            c.layers[nl - 1].queries.clear();
+        },
+        inv,
+        &format!("layer {}: queries hold 0 floats", nl - 1),
+    );
+    expect_err(&case, |c| c.params.n_srh = 0, inv, "n_srh is 0");
+    expect_err(
+        &case,
+        |c| c.profile.as_mut().unwrap().model.n_layer += 1,
+        prof,
+        &format!("n_layer {}", nl + 1),
+    );
+    expect_err(
+        &case,
+        |c| c.profile.as_mut().unwrap().model.n_head += 1,
+        prof,
+        &format!("n_head {}", h.n_head + 1),
+    );
+    expect_err(
+        &case,
+        |c| c.profile.as_mut().unwrap().head_ranking.pop().map(|_| ()).unwrap(),
+        prof,
+        "head_ranking",
+    );
+    expect_err(
+        &case,
+        |c| c.profile.as_mut().unwrap().layer_weights.push(0.0),
+        prof,
+        "layer_weights",
+    );
+    expect_err(
+        &case,
+        |c| c.profile.as_mut().unwrap().head_ranking[0][0] = h.n_head,
+        prof,
+        &format!("names head {}", h.n_head),
+    );
+    expect_err(
+        &case,
+        |c| {
+            c.params.n_srh = 2;
+            let r = &mut c.profile.as_mut().unwrap().head_ranking[0];
+            r[1] = r[0];
+        },
+        prof,
+        "twice",
+    );
+    expect_err(
+        &case,
+        |c| c.profile.as_mut().unwrap().layer_weights[0] = -1.0,
+        prof,
+        "p_0 = -1",
+    );
+    expect_err(
+        &case,
+        |c| c.profile.as_mut().unwrap().layer_weights[0] += 0.5,
+        prof,
+        "sum to",
+    );
+    // other methods ignore the profile entirely
+    let mut c = random_case(&mut rng);
+    c.params.method = Method::SnapKv;
+    c.profile = Some(random_profile(&mut rng, Shape { n_layer: 9, ..c.shape }));
+    assert!(c.build().is_ok());
+
+    // a quantized key type whose blocks straddle heads (q8_0 blocks of 32, head_dim 16)
+    let geom = Geometry::rows(GgmlType::Q8_0, 64, 4).unwrap();
+    let bytes = vec![0u8; geom.min_bytes().unwrap()];
+    let li = [LayerInput {
+        keys: LayerView::new(geom, &bytes).unwrap(),
+        queries: &[0.0; 4 * 16],
+    }];
+    let p = Params {
+        method: Method::SnapKv,
+        window: 1,
+        budget: 2,
+        ..Params::default()
+    };
+    let shape = Shape {
+        n_layer: 1,
+        heads: Heads {
+            n_head: 4,
+            n_head_kv: 4,
+            head_dim: 16,
+        },
+    };
+    let e = build(&p, shape, None, &[0, 1, 2, 3], &li).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("head_dim 16 is not a multiple of the q8_0 block size 32"),
+        "{e}"
+    );
+}
+
+#[test]
+fn ratio_is_read_as_a_decimal() {
+    let mut rng = Rng(0x5eed_0008);
+    let mut case = random_case(&mut rng);
+    while case.n() < 100 {
+        case = random_case(&mut rng);
+    }
+    case.cells.truncate(100);
+    for l in &mut case.layers {
+        l.keys.truncate(100);
+    }
+    case.params.window_end = None;
+    case.params.budget = 0;
+    for (ratio, want) in [(0.1f32, 10), (0.3, 30), (0.07, 7), (0.071, 8), (1.0, 100), (0.001, 1)] {
+        case.params.ratio = ratio;
+        assert_eq!(case.build().unwrap().params.budget, want, "ratio {ratio}");
+    }
+}
