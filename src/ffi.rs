@@ -573,11 +573,10 @@ fn to_params(c: &ckv_params) -> Result<Params> {
         )));
     }
     let window = nonneg(c.window, "params.window")?;
-    if window == 0 && !streaming {
-        return Err(Error::InvalidArg(format!(
-            "params.window: 0 (the {} method needs >= 1 query)",
-            method.name()
-        )));
+    if window == 0 {
+        return Err(Error::InvalidArg(
+            "params.window: 0 (the observation window needs >= 1 token)".into(),
+        ));
     }
     let window_end = match c.window_end {
         -1 => None,
@@ -1786,11 +1785,10 @@ mod tests {
         assert_eq!((p.budget, p.ratio), (0, 0.25));
         let s = to_params(&ckv_params {
             method: CKV_METHOD_STREAMINGLLM,
-            window: 0,
             ..d
         })
         .unwrap();
-        assert_eq!((s.method, s.n_sink, s.window), (Method::StreamingLlm, 4, 0));
+        assert_eq!((s.method, s.n_sink), (Method::StreamingLlm, 4));
         assert_eq!(
             to_params(&ckv_params { window_end: 40, ..d }).unwrap().window_end,
             Some(40)
