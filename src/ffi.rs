@@ -986,8 +986,8 @@ pub unsafe extern "C" fn ckv_dequantize_row(
                 ty.name()
             )));
         }
-        let (s0, s1) = (src as usize, src as usize + src_size);
-        let (d0, d1) = (dst as usize, dst as usize + n * 4);
+        let (s0, s1) = (src as usize, (src as usize).saturating_add(src_size));
+        let (d0, d1) = (dst as usize, (dst as usize).saturating_add(n.saturating_mul(4)));
         if n > 0 && s0 < d1 && d0 < s1 {
             return Err(Error::InvalidArg("src and dst overlap".into()));
         }
