@@ -165,7 +165,8 @@ ckv_status ckv_plan_create(const ckv_params * params, const ckv_shape * shape, c
                            const float * const * queries, ckv_plan ** out);
 void       ckv_plan_free(ckv_plan * plan);
 
-/* Cells the sequence occupies after compaction (max kept over layers and groups). */
+/* Cells the sequence occupies after compaction (max kept over layers and groups).
+ * These three return -1 (and set ckv_last_error) if plan is NULL or not a live plan. */
 int32_t    ckv_plan_n_slots(const ckv_plan * plan);
 /* Groups per layer: 1, or n_head_kv with per-head selection. */
 int32_t    ckv_plan_n_groups(const ckv_plan * plan);
@@ -186,7 +187,7 @@ ckv_status ckv_compact(const ckv_plan * plan, const ckv_buffer * k, const ckv_bu
 
 /* The plan as a JSON object (method, n_prompt, budget, window, pool, chunk, layers[{budget, kept}],
  * ms_score, ...) into buf. *needed gets the length without the NUL; if buf_size <= *needed, nothing is
- * written and CKV_ERR_SIZE is returned (buf may then be NULL). */
+ * written and CKV_ERR_SIZE is returned (buf may then be NULL). needed may be NULL. */
 ckv_status ckv_plan_stats_json(const ckv_plan * plan, char * buf, size_t buf_size, size_t * needed);
 
 #ifdef __cplusplus

@@ -573,11 +573,10 @@ fn to_params(c: &ckv_params) -> Result<Params> {
         )));
     }
     let window = nonneg(c.window, "params.window")?;
-    if window == 0 && !streaming {
-        return Err(Error::InvalidArg(format!(
-            "params.window: 0 (the {} method needs >= 1 query)",
-            method.name()
-        )));
+    if window == 0 {
+        return Err(Error::InvalidArg(
+            "params.window: 0 (the observation window needs >= 1 token)".into(),
+        ));
     }
     let window_end = match c.window_end {
         -1 => None,
@@ -987,8 +986,8 @@ pub unsafe extern "C" fn ckv_dequantize_row(
                 ty.name()
             )));
         }
-        let (s0, s1) = (src as usize, src as usize + src_size);
-        let (d0, d1) = (dst as usize, dst as usize + n * 4);
+        let (s0, s1) = (src as usize, (src as usize).saturating_add(src_size));
+        let (d0, d1) = (dst as usize, (dst as usize).saturating_add(n.saturating_mul(4)));
         if n > 0 && s0 < d1 && d0 < s1 {
             return Err(Error::InvalidArg("src and dst overlap".into()));
         }
@@ -1485,6 +1484,29 @@ pub unsafe extern "C" fn ckv_compact(plan: *const ckv_plan, k: *const ckv_buffer
             }
         }
         check_disjoint(&mut ranges)?;
+        // Name the buffer that is too short for the plan's cells (the plan validates again, generically).
+        let max_cell = h
+            .groups
+            .iter()
+            .flatten()
+            .flat_map(|g| g.src.iter().chain(&g.dst))
+            .copied()
+            .max();
+        if let Some(mc) = max_cell {
+            let named = kg
+                .iter()
+                .enumerate()
+                .map(|(l, g)| (g, "k", l))
+                .chain(vg.iter().enumerate().map(|(l, g)| (g, "v", l)));
+            for (g, kind, l) in named {
+                if g.n_cells <= mc as usize {
+                    return Err(Error::InvalidArg(format!(
+                        "{kind}[{l}].n_cells {} does not hold cell {mc} that the plan moves",
+                        g.n_cells
+                    )));
+                }
+            }
+        }
         let mut kv = Vec::with_capacity(nl);
         for (l, (b, g)) in kb.iter().zip(kg).enumerate() {
             // SAFETY: `b.size >= min_bytes` read/write bytes (caller, checked); extents disjoint (checked).
@@ -1763,11 +1785,10 @@ mod tests {
         assert_eq!((p.budget, p.ratio), (0, 0.25));
         let s = to_params(&ckv_params {
             method: CKV_METHOD_STREAMINGLLM,
-            window: 0,
             ..d
         })
         .unwrap();
-        assert_eq!((s.method, s.n_sink, s.window), (Method::StreamingLlm, 4, 0));
+        assert_eq!((s.method, s.n_sink), (Method::StreamingLlm, 4));
         assert_eq!(
             to_params(&ckv_params { window_end: 40, ..d }).unwrap().window_end,
             Some(40)
