@@ -50,16 +50,32 @@ impl Geometry {
     /// Row-major geometry with a packed stride.
     pub fn rows(ty: GgmlType, n_embd: usize, n_cells: usize) -> Result<Geometry> {
         let row = ty.row_bytes(n_embd).ok_or_else(|| {
-            Error::InvalidArg(format!("n_embd {n_embd} is not a multiple of the {} block size {}", ty.name(), ty.block_elems()))
+            Error::InvalidArg(format!(
+                "n_embd {n_embd} is not a multiple of the {} block size {}",
+                ty.name(),
+                ty.block_elems()
+            ))
         })?;
-        let g = Geometry { ty, n_embd, n_cells, layout: Layout::Rows { row_stride: row } };
+        let g = Geometry {
+            ty,
+            n_embd,
+            n_cells,
+            layout: Layout::Rows { row_stride: row },
+        };
         g.validate()?;
         Ok(g)
     }
 
     /// Transposed geometry with a packed channel stride.
     pub fn transposed(ty: GgmlType, n_embd: usize, n_cells: usize) -> Result<Geometry> {
-        let g = Geometry { ty, n_embd, n_cells, layout: Layout::Transposed { chan_stride: n_cells * ty.block_bytes() } };
+        let g = Geometry {
+            ty,
+            n_embd,
+            n_cells,
+            layout: Layout::Transposed {
+                chan_stride: n_cells * ty.block_bytes(),
+            },
+        };
         g.validate()?;
         Ok(g)
     }
@@ -67,7 +83,10 @@ impl Geometry {
     /// Check the invariants of the module doc (except the buffer length).
     pub fn validate(&self) -> Result<()> {
         if self.n_embd == 0 || self.n_cells == 0 {
-            return Err(Error::InvalidArg(format!("empty geometry: n_embd {} n_cells {}", self.n_embd, self.n_cells)));
+            return Err(Error::InvalidArg(format!(
+                "empty geometry: n_embd {} n_cells {}",
+                self.n_embd, self.n_cells
+            )));
         }
         let row = self.ty.row_bytes(self.n_embd).ok_or_else(|| {
             Error::InvalidArg(format!(
@@ -80,7 +99,9 @@ impl Geometry {
         match self.layout {
             Layout::Rows { row_stride } => {
                 if row_stride < row {
-                    return Err(Error::InvalidArg(format!("row stride {row_stride} < row size {row} bytes")));
+                    return Err(Error::InvalidArg(format!(
+                        "row stride {row_stride} < row size {row} bytes"
+                    )));
                 }
             }
             Layout::Transposed { chan_stride } => {
@@ -90,9 +111,14 @@ impl Geometry {
                         self.ty.name()
                     )));
                 }
-                let need = self.n_cells.checked_mul(self.ty.block_bytes()).ok_or_else(|| Error::Size("overflow".into()))?;
+                let need = self
+                    .n_cells
+                    .checked_mul(self.ty.block_bytes())
+                    .ok_or_else(|| Error::Size("overflow".into()))?;
                 if chan_stride < need {
-                    return Err(Error::InvalidArg(format!("channel stride {chan_stride} < {need} bytes")));
+                    return Err(Error::InvalidArg(format!(
+                        "channel stride {chan_stride} < {need} bytes"
+                    )));
                 }
             }
         }
@@ -113,7 +139,10 @@ impl Geometry {
         match self.layout {
             Layout::Rows { row_stride } => {
                 let row = self.ty.row_bytes(self.n_embd).ok_or_else(ovf)?;
-                (self.n_cells - 1).checked_mul(row_stride).and_then(|x| x.checked_add(row)).ok_or_else(ovf)
+                (self.n_cells - 1)
+                    .checked_mul(row_stride)
+                    .and_then(|x| x.checked_add(row))
+                    .ok_or_else(ovf)
             }
             Layout::Transposed { chan_stride } => (self.n_embd - 1)
                 .checked_mul(chan_stride)
@@ -243,6 +272,9 @@ impl<'a> LayerViewMut<'a> {
 
     /// A read-only view of the same buffer.
     pub fn as_view(&self) -> LayerView<'_> {
-        LayerView { geom: self.geom, data: self.data }
+        LayerView {
+            geom: self.geom,
+            data: self.data,
+        }
     }
 }

@@ -14,14 +14,25 @@ fn root() -> PathBuf {
 }
 
 fn script_output(script: &str, args: &[&str]) -> PathBuf {
-    let out = Command::new(root().join(script)).args(args).output().expect("run fetch script");
-    assert!(out.status.success(), "{script} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(root().join(script))
+        .args(args)
+        .output()
+        .expect("run fetch script");
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 fn completion_bin() -> PathBuf {
     let bin = root().join("vendor/build/bin/llama-completion");
-    assert!(bin.exists(), "{} is missing: run scripts/build-llama.sh (scripts/test.sh does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run scripts/build-llama.sh (scripts/test.sh does)",
+        bin.display()
+    );
     bin
 }
 
@@ -46,10 +57,21 @@ fn needle_prompt(chars: usize, depth: f64) -> PathBuf {
     let path = tmpdir().join(format!("needle-{chars}-{depth}.txt"));
     let out = Command::new("python3")
         .arg(root().join("bench/needle.py"))
-        .args(["--essays", essays().to_str().unwrap(), "--chars", &chars.to_string(), "--depth", &depth.to_string()])
+        .args([
+            "--essays",
+            essays().to_str().unwrap(),
+            "--chars",
+            &chars.to_string(),
+            "--depth",
+            &depth.to_string(),
+        ])
         .output()
         .expect("python3 bench/needle.py");
-    assert!(out.status.success(), "needle.py: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "needle.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::write(&path, out.stdout).unwrap();
     path
 }
@@ -66,7 +88,20 @@ fn run(prompt: &Path, extra: &[&str], tag: &str) -> Run {
     let _ = std::fs::remove_file(&stats);
     let mut cmd = Command::new(completion_bin());
     cmd.args(["-m", model().to_str().unwrap(), "-f", prompt.to_str().unwrap()])
-        .args(["-n", "32", "--temp", "0", "--seed", "1", "-c", "4608", "-t", "2", "-no-cnv", "--no-display-prompt"])
+        .args([
+            "-n",
+            "32",
+            "--temp",
+            "0",
+            "--seed",
+            "1",
+            "-c",
+            "4608",
+            "-t",
+            "2",
+            "-no-cnv",
+            "--no-display-prompt",
+        ])
         .args(["--no-warmup", "--simple-io"])
         .args(extra);
     if extra.contains(&"--compresskv") {
@@ -99,7 +134,11 @@ fn full() -> &'static Run {
 fn assert_needle(r: &Run, what: &str) {
     assert!(r.ok, "{what}: llama-completion failed:\n{}", r.log);
     let a = r.answer.to_lowercase();
-    assert!(a.contains("sandwich") && a.contains("dolores park"), "{what}: the answer misses the needle: {:?}", r.answer);
+    assert!(
+        a.contains("sandwich") && a.contains("dolores park"),
+        "{what}: the answer misses the needle: {:?}",
+        r.answer
+    );
 }
 
 fn check_stats(r: &Run, budget: u64) -> &serde_json::Value {
@@ -109,10 +148,20 @@ fn check_stats(r: &Run, budget: u64) -> &serde_json::Value {
     assert!(n > 3000, "prompt of {n} tokens, expected ~3.5K");
     assert_eq!(s["cells_before"].as_u64().unwrap(), n);
     let after = s["cells_after"].as_u64().unwrap();
-    assert!(after <= budget + 32, "cells_after {after} > budget {budget} + template suffix");
-    let (b0, b1) = (s["kv_bytes_before"].as_f64().unwrap(), s["kv_bytes_after"].as_f64().unwrap());
+    assert!(
+        after <= budget + 32,
+        "cells_after {after} > budget {budget} + template suffix"
+    );
+    let (b0, b1) = (
+        s["kv_bytes_before"].as_f64().unwrap(),
+        s["kv_bytes_after"].as_f64().unwrap(),
+    );
     assert!(b1 < 0.15 * b0, "kv bytes {b1} not below 15% of {b0}");
-    assert_eq!(s["plan"]["layers"].as_array().unwrap().len(), 30, "SmolLM2 has 30 layers");
+    assert_eq!(
+        s["plan"]["layers"].as_array().unwrap().len(),
+        30,
+        "SmolLM2 has 30 layers"
+    );
     s
 }
 
@@ -152,7 +201,11 @@ fn q8_0_cache_with_flash_attention() {
 
 #[test]
 fn transposed_v_without_flash_attention() {
-    let r = run(prompt_35k(), &["-fa", "off", "--compresskv", "--compresskv-budget", "256"], "fa-off");
+    let r = run(
+        prompt_35k(),
+        &["-fa", "off", "--compresskv", "--compresskv-budget", "256"],
+        "fa-off",
+    );
     assert_needle(&r, "-fa off --compresskv-budget 256");
     let s = check_stats(&r, 256);
     assert_eq!(s["v_trans"], true);
@@ -168,7 +221,11 @@ fn bad_flags_are_rejected_at_parse_time() {
     ] {
         let r = run(prompt_35k(), args, "bad");
         assert!(!r.ok, "{args:?} should be refused");
-        assert!(r.log.contains(needle), "{args:?}: the error should name {needle}:\n{}", r.log);
+        assert!(
+            r.log.contains(needle),
+            "{args:?}: the error should name {needle}:\n{}",
+            r.log
+        );
     }
 }
 
@@ -186,13 +243,25 @@ fn bad_runtime_input_falls_back_to_the_full_cache() {
         "calibration": {"note": "test profile for another model"}
     });
     std::fs::write(&prof, profile.to_string()).unwrap();
-    let r = run(prompt_35k(), &["--compresskv", "--compresskv-profile", prof.to_str().unwrap()], "badprof");
-    assert!(r.log.contains("profile") && r.log.contains("n_layer"), "the log should say the profile's n_layer differs:\n{}", r.log);
+    let r = run(
+        prompt_35k(),
+        &["--compresskv", "--compresskv-profile", prof.to_str().unwrap()],
+        "badprof",
+    );
+    assert!(
+        r.log.contains("profile") && r.log.contains("n_layer"),
+        "the log should say the profile's n_layer differs:\n{}",
+        r.log
+    );
     assert!(r.stats.is_empty());
     assert_eq!(r.answer, full().answer, "fallback must be the full cache");
 
     // a window larger than the prompt
-    let r = run(prompt_35k(), &["--compresskv", "--compresskv-window", "100000"], "badwin");
+    let r = run(
+        prompt_35k(),
+        &["--compresskv", "--compresskv-window", "100000"],
+        "badwin",
+    );
     assert!(r.log.contains("window"), "{}", r.log);
     assert!(r.stats.is_empty());
     assert_eq!(r.answer, full().answer, "fallback must be the full cache");
@@ -204,7 +273,17 @@ fn bad_runtime_input_falls_back_to_the_full_cache() {
 /// identical up to f32 rounding; with CPU flash attention the blocked online softmax rounds differently
 /// for the two layouts and greedy ties can flip.
 fn masked_equivalence(method: &str, form: &str) {
-    let base = ["-fa", "off", "-ctk", "f32", "-ctv", "f32", "--compresskv", "--compresskv-method", method];
+    let base = [
+        "-fa",
+        "off",
+        "-ctk",
+        "f32",
+        "-ctv",
+        "f32",
+        "--compresskv",
+        "--compresskv-method",
+        method,
+    ];
     let budget = ["--compresskv-budget", "256"];
     let mut compacted = base.to_vec();
     compacted.extend(budget);
@@ -217,8 +296,14 @@ fn masked_equivalence(method: &str, form: &str) {
     assert!(c.ok && m.ok, "{}\n{}", c.log, m.log);
     assert_eq!(c.stats.len(), 1);
     assert_eq!(m.stats.len(), 1);
-    assert!(c.stats[0]["cells_after"].as_u64().unwrap() < 300, "the compacted run must really compact");
-    assert_eq!(c.answer, m.answer, "compacted ({form}) and masked caches must give the same greedy tokens");
+    assert!(
+        c.stats[0]["cells_after"].as_u64().unwrap() < 300,
+        "the compacted run must really compact"
+    );
+    assert_eq!(
+        c.answer, m.answer,
+        "compacted ({form}) and masked caches must give the same greedy tokens"
+    );
 }
 
 #[test]
