@@ -6,12 +6,13 @@
 //! head_scores(K, cells, (n_head, n_head_kv, d), Q[w][n_head][d], window [ws, we), heads):
 //!     gs = n_head / n_head_kv                        # query heads per KV head
 //!     for each KV group g read by some h in heads:   # in parallel
-//!         Kg[i] = dequantize(K[cell cells[i]], elements g*d .. (g+1)*d)   for i in 0..we
+//!         for each tile T of 64 keys in 0..we:       # in parallel
+//!             Kt[i] = dequantize(K[cell cells[i]], elements g*d .. (g+1)*d)   for i in T
+//!             z[h][r][i] = (Q[r][h] . Kt[i]) / sqrt(d)   for h of g, r in 0..w, i in T, i <= ws+r (causal)
 //!         for each h in heads with h / gs == g:      # in parallel
 //!             s = [0; ws]
 //!             for r in 0..w:                         # window query r is token ws + r
-//!                 z[i] = (Q[r][h] . Kg[i]) / sqrt(d)                      for i in 0..=ws+r  (causal)
-//!                 m = max z;  e[i] = exp(z[i] - m);  Z = sum e
+//!                 m = max z[h][r];  e[i] = exp(z[h][r][i] - m);  Z = sum e   (i in 0..=ws+r)
 //!                 s[i] += e[i] / Z                                        for i in 0..ws
 //!             out[position of h in heads] = s
 //!
@@ -30,17 +31,18 @@
 //! - Only prefix tokens `i < ws` are scored; the returned vectors have length `ws`.
 //! - Pooling along the sequence ([`pool`]): kernel `k` (odd), stride 1, zero padding `k/2`, average
 //!   divides by `k` at the edges too; max pooling ignores the padding. `k <= 1` is the identity.
-//! - Memory: O(w * n) scratch per head in flight, never `n_head * n * w` at once.
+//! - Memory: the `[w][we]` logits of the heads of the KV groups in flight (at most one layer's
+//!   `len(heads) * w * n` f32) plus one 64-key tile per thread; keys are never copied whole.
 //!
 //! Precision: keys are dequantized to f32; dot products and `exp` are f32 (the dot product uses 8
 //! independent accumulators); the softmax normaliser `Z` is summed in f64 and the probabilities are
 //! accumulated into the f32 scores. Relative error against an f64 reference is ~1e-6 for the logit
 //! magnitudes of real models.
 //!
-//! Cost and parallelism: `O(len(heads) * w * we * d)` flops. One task per KV group holds that group's
-//! dequantized keys (`we * d` f32) and, per head in flight, its `[w][we]` logits (computed in one pass
-//! over the keys, so each key row is read once per head); groups and the heads of a group run in
-//! parallel on the rayon pool. An even `k` (not produced by [`crate::plan::build`],
+//! Cost and parallelism: `O(len(heads) * w * we * d)` flops. Each key row is read from the cache and
+//! dequantized once per layer, into a 64-key tile against which all window queries of all the group's
+//! heads are dotted while it is hot; groups, tiles and the softmax of each head run in parallel on the
+//! rayon pool. An even `k` (not produced by [`crate::plan::build`],
 //! which rejects it) uses the window `[i - k/2, i + k/2)`.
 //!
 //! Non-finite inputs: a NaN/inf key or query makes the affected scores NaN (never a panic); pooling
@@ -165,13 +167,16 @@ pub fn head_scores(
     Ok(window_scores(fetch, shape, queries, ws, we, heads))
 }
 
+/// Keys per tile: a tile's dequantized keys (`TILE * head_dim` f32, 32 KiB at `d = 128`) stay in L1/L2
+/// while every window query of every head of the group is dotted against them.
+const TILE: usize = 64;
+
 /// The core of [`head_scores`], on validated arguments: keys come from `fetch(g, i, out)`, which writes
 /// KV head `g` of token `i` (`head_dim` floats) into `out`.
 fn window_scores<F>(fetch: F, shape: Heads, queries: &[f32], ws: usize, we: usize, heads: &[usize]) -> Vec<Vec<f32>>
 where
     F: Fn(usize, usize, &mut [f32]) + Sync,
 {
-    let d = shape.head_dim;
     let gs = shape.group_size();
     let mut groups: Vec<usize> = heads.iter().map(|&h| h / gs).collect();
     groups.sort_unstable();
@@ -181,15 +186,11 @@ where
     let per_group: Vec<Vec<(usize, Vec<f32>)>> = groups
         .par_iter()
         .map(|&g| {
-            let mut kg = vec![0f32; we * d];
-            kg.par_chunks_mut(d * 256).enumerate().for_each(|(blk, rows)| {
-                for (j, row) in rows.chunks_exact_mut(d).enumerate() {
-                    fetch(g, blk * 256 + j, row);
-                }
-            });
             let mine: Vec<usize> = (0..heads.len()).filter(|&p| heads[p] / gs == g).collect();
+            let z = group_logits(&fetch, shape, queries, ws, we, g, &mine, heads);
             mine.par_iter()
-                .map(|&p| (p, head_window_scores(&kg, queries, shape, heads[p], ws, we)))
+                .enumerate()
+                .map(|(j, &p)| (p, softmax_sums(&z, j, mine.len(), ws, we)))
                 .collect()
         })
         .collect();
@@ -201,25 +202,75 @@ where
     out
 }
 
-/// Scores of one query head `h` against its group's dequantized keys `kg` (`[we][d]`).
-///
-/// The logits of all `w` window queries are computed in one pass over the keys (each key row is read
-/// once, against the `w` query rows that see it), into a `[w][we]` block; then one softmax per row.
-fn head_window_scores(kg: &[f32], queries: &[f32], shape: Heads, h: usize, ws: usize, we: usize) -> Vec<f32> {
+/// Logits of the group's heads `mine` (positions in `heads`), tile-major: `z[t][j][r][i - t*TILE]` is
+/// `q(ws + r, heads[mine[j]]) . k(i) / sqrt(d)` for the keys `i` of tile `t` that window query `r` sees
+/// (`i <= ws + r`); other entries are unused. Each key is dequantized once (into a per-thread tile
+/// buffer, never a whole `[we][d]` copy) and read from cache by all `len(mine) * w` queries.
+#[allow(clippy::too_many_arguments)]
+fn group_logits<F>(
+    fetch: &F,
+    shape: Heads,
+    queries: &[f32],
+    ws: usize,
+    we: usize,
+    g: usize,
+    mine: &[usize],
+    heads: &[usize],
+) -> Vec<f32>
+where
+    F: Fn(usize, usize, &mut [f32]) + Sync,
+{
     let d = shape.head_dim;
     let w = we - ws;
+    let np = mine.len();
     let scale = 1.0 / (d as f32).sqrt();
-    let q = |r: usize| &queries[(r * shape.n_head + h) * d..][..d];
-    let mut z = vec![0f32; w * we];
-    for (i, k) in kg.chunks_exact(d).enumerate() {
-        // query r (token ws + r) sees key i when i <= ws + r
-        for r in i.saturating_sub(ws)..w {
-            z[r * we + i] = dot(q(r), k) * scale;
+    // the group's window queries, contiguous: qs[j][r] = Q[r][heads[mine[j]]]
+    let mut qs = Vec::with_capacity(np * w * d);
+    for &p in mine {
+        for r in 0..w {
+            qs.extend_from_slice(&queries[(r * shape.n_head + heads[p]) * d..][..d]);
         }
     }
+    let n_tiles = we.div_ceil(TILE);
+    let mut z = vec![0f32; n_tiles * np * w * TILE];
+    z.par_chunks_mut(np * w * TILE).enumerate().for_each_init(
+        || vec![0f32; TILE * d],
+        |kt, (t, zt)| {
+            let i0 = t * TILE;
+            let i1 = (i0 + TILE).min(we);
+            for (k, row) in kt.chunks_exact_mut(d).take(i1 - i0).enumerate() {
+                fetch(g, i0 + k, row);
+            }
+            for (jr, zr) in zt.chunks_exact_mut(TILE).enumerate() {
+                let r = jr % w;
+                let q = &qs[jr * d..][..d];
+                // query r (token ws + r) sees key i when i <= ws + r
+                let last = (ws + r + 1).min(i1);
+                if last <= i0 {
+                    continue;
+                }
+                for (zi, k) in zr.iter_mut().zip(kt.chunks_exact(d)).take(last - i0) {
+                    *zi = dot(q, k) * scale;
+                }
+            }
+        },
+    );
+    z
+}
+
+/// Scores of head `j` of a group from its tile-major logits (see [`group_logits`]): one softmax per
+/// window query over the keys it sees, probabilities of the prefix tokens summed over the queries.
+fn softmax_sums(z: &[f32], j: usize, np: usize, ws: usize, we: usize) -> Vec<f32> {
+    let w = we - ws;
+    let at = |r: usize, i: usize| ((i / TILE * np + j) * w + r) * TILE + i % TILE;
     let mut s = vec![0f32; ws];
-    for (r, row) in z.chunks_exact_mut(we).enumerate() {
-        let row = &mut row[..ws + r + 1];
+    let mut e = vec![0f32; we];
+    for r in 0..w {
+        let n = ws + r + 1;
+        let row = &mut e[..n];
+        for (i, x) in row.iter_mut().enumerate() {
+            *x = z[at(r, i)];
+        }
         let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
         let mut total = 0f64;
         for zi in row.iter_mut() {
@@ -227,8 +278,8 @@ fn head_window_scores(kg: &[f32], queries: &[f32], shape: Heads, h: usize, ws: u
             total += *zi as f64;
         }
         let inv = (1.0 / total) as f32;
-        for (si, &e) in s.iter_mut().zip(row.iter()) {
-            *si += e * inv;
+        for (si, &x) in s.iter_mut().zip(row.iter()) {
+            *si += x * inv;
         }
     }
     s

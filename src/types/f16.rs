@@ -16,17 +16,23 @@
 /// Bytes per element.
 pub(crate) const BLOCK_BYTES: usize = 2;
 
+/// Every binary16 bit pattern widened to `f32` by `half` (256 KiB, built on first use), as ggml keeps
+/// `ggml_table_f32_f16`: a load per element instead of a branchy software conversion.
+static TABLE: once_cell::sync::Lazy<Box<[f32]>> =
+    once_cell::sync::Lazy::new(|| (0..=u16::MAX).map(|h| half::f16::from_bits(h).to_f32()).collect());
+
 /// The `f16` at `b[0..2]` (little endian), widened to `f32`.
 #[inline(always)]
 pub(crate) fn scale(b: &[u8]) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+    TABLE[u16::from_le_bytes([b[0], b[1]]) as usize]
 }
 
 /// Dequantize a row (`src` holds exactly `dst.len()` elements' worth of blocks).
 pub(crate) fn to_f32(src: &[u8], dst: &mut [f32]) {
     debug_assert_eq!(src.len(), dst.len() * BLOCK_BYTES);
+    let t: &[f32] = &TABLE;
     for (b, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.iter_mut()) {
-        *y = scale(b);
+        *y = t[u16::from_le_bytes([b[0], b[1]]) as usize];
     }
 }
 
