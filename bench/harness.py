@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Side-by-side evaluation of KV-cache compression methods through the patched llama-completion.
+
+One engine, one model, the same prompts for every method: the full cache, StreamingLLM, SnapKV, PyramidKV,
+CompressKV with the paper's selection and CompressKV with our defaults. Every row is a real greedy run of
+the model; nothing is estimated.
+
+    needle:  for each (prompt length, needle depth): for each method x budget: run, score the answer
+             (bench/needle.py word score), read the stats line (cells, KV bytes, timings) and the perf
+             lines (prompt and decode tokens/s)  ->  bench/results/needle-<model>-<device>.json
+    speed:   for each context length: full cache vs each method at one budget, a fixed number of decoded
+             tokens (--ignore-eos)  ->  bench/results/speed-<model>-<device>.json
+
+Then `python3 bench/plot.py` draws the SVG plots under bench/plots/ from those files.
+
+    python3 bench/harness.py needle [--model smollm2] [--chars 6000,14000] [--depths 0.1,0.3,0.5,0.7,0.9]
+                                    [--budgets 128,256] [--methods ...]
+    python3 bench/harness.py speed  [--model smollm2] [--tokens 1024,2048,4096,8192] [--budget 256]
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import needle  # noqa: E402
+
+# name -> llama-completion flags (None: the full cache)
+METHODS = {
+    "full": None,
+    "streamingllm": ["--compresskv", "--compresskv-method", "streamingllm"],
+    "snapkv": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "snapkv"],
+    "pyramidkv": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "pyramidkv"],
+    "compresskv-paper": ["--compresskv", "--compresskv-preset", "paper"],
+    "compresskv": ["--compresskv"],
+}
+
+
+def sh(*args):
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def machine():
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host_cpu": cpu or platform.processor(), "nproc": os.cpu_count(), "system": platform.system()}
+
+
+def perf(log):
+    ev = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs.*?([\d.]+) tokens per second", log)
+    pp = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens.*?([\d.]+) tokens per second", log)
+    return {
+        "decode_tps": float(ev.group(3)) if ev else None,
+        "n_decoded": int(ev.group(2)) if ev else None,
+        "prompt_tps": float(pp.group(3)) if pp else None,
+        "n_prompt": int(pp.group(2)) if pp else None,
+    }
+
+
+class Runner:
+    def __init__(self, args):
+        self.bin = os.path.join(ROOT, "vendor/build/bin/llama-completion")
+        if not os.path.exists(self.bin):
+            sys.exit(f"{self.bin} is missing: run scripts/build-llama.sh")
+        self.model = sh(os.path.join(ROOT, "scripts/fetch-model.sh"), args.model)
+        self.essays = sh(os.path.join(ROOT, "scripts/fetch-data.sh"))
+        self.threads = args.threads
+        self.extra = args.extra.split() if args.extra else []
+        self.tmp = os.path.join(ROOT, "target/bench")
+        os.makedirs(self.tmp, exist_ok=True)
+
+    def prompt(self, chars, depth):
+        path = os.path.join(self.tmp, f"needle-{chars}-{depth}.txt")
+        with open(path, "w") as f:
+            f.write(needle.prompt(self.essays, chars, depth))
+        return path
+
+    def run(self, prompt, flags, n_predict, ctx, ignore_eos=False):
+        stats = os.path.join(self.tmp, "stats.jsonl")
+        if os.path.exists(stats):
+            os.remove(stats)
+        cmd = [self.bin, "-m", self.model, "-f", prompt, "-n", str(n_predict), "--temp", "0", "--seed", "1",
+               "-c", str(ctx), "-t", str(self.threads), "-no-cnv", "--no-display-prompt", "--simple-io",
+               "--no-warmup"] + self.extra
+        if ignore_eos:
+            cmd.append("--ignore-eos")
+        if flags:
+            cmd += flags + ["--compresskv-stats", stats]
+        t0 = time.time()
+        p = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        row = {"ok": p.returncode == 0, "wall_s": round(time.time() - t0, 2), "answer": p.stdout.strip()}
+        row.update(perf(p.stderr))
+        if flags:
+            st = [json.loads(l) for l in open(stats)] if os.path.exists(stats) else []
+            row["compressed"] = bool(st)
+            if st:
+                s = st[0]
+                row.update({k: s[k] for k in ("n_prompt", "cells_before", "cells_after", "kv_bytes_before",
+                                              "kv_bytes_after", "ms_redecode", "ms_compact", "ms_total")})
+                row["window"] = s["plan"].get("window")
+                row["method_lib"] = s["plan"].get("method")
+        if not row["ok"]:
+            row["log_tail"] = p.stderr[-2000:]
+        return row
+
+
+def needle_cmd(args):
+    r = Runner(args)
+    methods = args.methods.split(",")
+    rows = []
+    for chars in map(int, args.chars.split(",")):
+        for depth in map(float, args.depths.split(",")):
+            prompt = r.prompt(chars, depth)
+            for m in methods:
+                for budget in ([None] if METHODS[m] is None else map(int, args.budgets.split(","))):
+                    flags = None if METHODS[m] is None else METHODS[m] + ["--compresskv-budget", str(budget)]
+                    row = r.run(prompt, flags, args.n_predict, args.ctx)
+                    row.update({"chars": chars, "depth": depth, "method": m, "budget": budget,
+                                "score": needle.score(row["answer"])})
+                    rows.append(row)
+                    print(f"{chars:6d} d{depth:.1f} {m:17s} {str(budget):5s} score {row['score']:.2f} "
+                          f"n={row.get('n_prompt')} {row['answer'][:70]!r}", flush=True)
+    out = args.out or os.path.join(ROOT, f"bench/results/needle-{args.model}-cpu.json")
+    write(out, {"kind": "needle", "model": args.model, "model_path": os.path.basename(r.model),
+                "machine": machine(), "threads": args.threads, "n_predict": args.n_predict,
+                "methods": {m: METHODS[m] for m in methods}, "extra_flags": r.extra,
+                "command": " ".join(sys.argv), "rows": rows, "summary": summarize(rows)})
+
+
+def summarize(rows):
+    """Mean needle score per (method, budget), over every prompt."""
+    acc = {}
+    for row in rows:
+        key = f"{row['method']}@{row['budget']}" if row["budget"] else row["method"]
+        acc.setdefault(key, []).append(row["score"])
+    return {k: {"mean_score": round(sum(v) / len(v), 4), "n": len(v)} for k, v in acc.items()}
+
+
+def speed_cmd(args):
+    r = Runner(args)
+    rows = []
+    methods = args.methods.split(",")
+    for n_tok in map(int, args.tokens.split(",")):
+        chars = int(n_tok * args.chars_per_token)
+        prompt = r.prompt(chars, 0.5)
+        ctx = n_tok + args.n_predict + 256
+        for m in methods:
+            flags = None if METHODS[m] is None else METHODS[m] + ["--compresskv-budget", str(args.budget)]
+            row = r.run(prompt, flags, args.n_predict, ctx, ignore_eos=True)
+            row.update({"target_tokens": n_tok, "method": m, "budget": None if flags is None else args.budget})
+            del row["answer"]
+            rows.append(row)
+            print(f"{n_tok:6d} {m:17s} prompt {row.get('n_prompt')} decode {row.get('decode_tps')} tok/s "
+                  f"cells {row.get('cells_after')}", flush=True)
+    out = args.out or os.path.join(ROOT, f"bench/results/speed-{args.model}-cpu.json")
+    write(out, {"kind": "speed", "model": args.model, "model_path": os.path.basename(r.model),
+                "machine": machine(), "threads": args.threads, "n_predict": args.n_predict,
+                "budget": args.budget, "extra_flags": r.extra, "command": " ".join(sys.argv), "rows": rows})
+
+
+def write(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    obj["date"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    print("wrote", path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("needle", "speed"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", default="smollm2", help="a name known to scripts/fetch-model.sh")
+        p.add_argument("--threads", type=int, default=os.cpu_count())
+        p.add_argument("--extra", default="", help="more llama-completion flags for every run (e.g. '-ngl 99')")
+        p.add_argument("--out")
+        if name == "needle":
+            p.add_argument("--chars", default="6000,14000")
+            p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+            p.add_argument("--budgets", default="128,256")
+            p.add_argument("--methods", default=",".join(METHODS))
+            p.add_argument("--n-predict", type=int, default=32)
+            p.add_argument("--ctx", type=int, default=4608)
+        else:
+            p.add_argument("--tokens", default="1024,2048,4096,8192")
+            p.add_argument("--chars-per-token", type=float, default=4.4)
+            p.add_argument("--budget", type=int, default=256)
+            p.add_argument("--methods", default="full,compresskv")
+            p.add_argument("--n-predict", type=int, default=128)
+    args = ap.parse_args()
+    {"needle": needle_cmd, "speed": speed_cmd}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
