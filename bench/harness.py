@@ -119,6 +119,15 @@ def needle_cmd(args):
     r = Runner(args)
     methods = args.methods.split(",")
     rows = []
+    out = args.out or os.path.join(ROOT, f"bench/results/needle-{args.model}-cpu.json")
+
+    def save(complete):
+        # rewritten after every prompt, so an interrupted grid still leaves its finished prompts
+        write(out, {"kind": "needle", "model": args.model, "model_path": os.path.basename(r.model),
+                    "machine": machine(), "threads": args.threads, "n_predict": args.n_predict,
+                    "methods": {m: METHODS[m] for m in methods}, "extra_flags": r.extra, "complete": complete,
+                    "command": " ".join(sys.argv), "rows": rows, "summary": summarize(rows)})
+
     for chars in map(int, args.chars.split(",")):
         for depth in map(float, args.depths.split(",")):
             prompt = r.prompt(chars, depth)
@@ -131,11 +140,8 @@ def needle_cmd(args):
                     rows.append(row)
                     print(f"{chars:6d} d{depth:.1f} {m:17s} {str(budget):5s} score {row['score']:.2f} "
                           f"n={row.get('n_prompt')} {row['answer'][:70]!r}", flush=True)
-    out = args.out or os.path.join(ROOT, f"bench/results/needle-{args.model}-cpu.json")
-    write(out, {"kind": "needle", "model": args.model, "model_path": os.path.basename(r.model),
-                "machine": machine(), "threads": args.threads, "n_predict": args.n_predict,
-                "methods": {m: METHODS[m] for m in methods}, "extra_flags": r.extra,
-                "command": " ".join(sys.argv), "rows": rows, "summary": summarize(rows)})
+            save(False)
+    save(True)
 
 
 def summarize(rows):

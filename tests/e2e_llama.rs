@@ -195,7 +195,13 @@ fn compressed_cache_finds_the_needle_at_budget_256() {
 fn streamingllm_at_the_same_budget_misses_the_needle() {
     let r = run(
         prompt_35k(),
-        &["--compresskv", "--compresskv-method", "streamingllm", "--compresskv-budget", "256"],
+        &[
+            "--compresskv",
+            "--compresskv-method",
+            "streamingllm",
+            "--compresskv-budget",
+            "256",
+        ],
         "stream256",
     );
     assert!(r.ok, "{}", r.log);
@@ -331,7 +337,10 @@ fn masked_equivalence(method: &str, form: &str) {
         c.stats[0]["cells_before"].as_u64().unwrap(),
         c.stats[0]["cells_after"].as_u64().unwrap(),
     );
-    assert!(after < 512 && after * 4 < before, "the compacted run must really compact: {before} -> {after} cells");
+    assert!(
+        after < 512 && after * 4 < before,
+        "the compacted run must really compact: {before} -> {after} cells"
+    );
     assert_eq!(
         c.answer, m.answer,
         "compacted ({form}) and masked caches must give the same greedy tokens"

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Plots and tables from the harness's JSON (no plotting library needed: plain SVG and Markdown).
+
+    python3 bench/plot.py [--needle bench/results/needle-smollm2-cpu.json]
+                          [--speed bench/results/speed-smollm2-cpu.json] [--core bench/results/core-cpu.json]
+
+writes bench/plots/needle-heatmap.svg, bench/plots/decode-speed.svg and bench/results/summary.md (the
+tables the README quotes).
+"""
+import argparse
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def color(v):
+    """Score 0..1 -> red..yellow..green."""
+    v = max(0.0, min(1.0, v))
+    if v < 0.5:
+        r, g = 220, int(60 + 2 * v * 160)
+    else:
+        r, g = int(220 - (v - 0.5) * 2 * 180), 200
+    return f"rgb({r},{g},70)"
+
+
+def esc(s):
+    return str(s).replace("&", "&amp;").replace("<", "&lt;")
+
+
+def heatmap(d, path):
+    rows = d["rows"]
+    prompts = []
+    for r in rows:
+        key = (r["chars"], r["depth"])
+        if key not in prompts:
+            prompts.append(key)
+    n_tok = {}
+    for r in rows:
+        if r.get("n_prompt"):
+            n_tok[(r["chars"], r["depth"])] = r["n_prompt"]
+    lines = []
+    for r in rows:
+        key = (r["method"], r["budget"])
+        if key not in lines:
+            lines.append(key)
+    score = {(r["method"], r["budget"], r["chars"], r["depth"]): r["score"] for r in rows}
+    cw, ch, left, top = 46, 22, 190, 70
+    W = left + cw * len(prompts) + 70
+    H = top + ch * len(lines) + 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{left}" y="16" font-size="13">Needle word score, {esc(d["model"])} '
+           f'({esc(d["machine"]["host_cpu"][:40])}), greedy</text>']
+    for j, (chars, depth) in enumerate(prompts):
+        x = left + j * cw + cw / 2
+        out.append(f'<text x="{x}" y="{top - 22}" text-anchor="middle">{n_tok.get((chars, depth), "?")}</text>')
+        out.append(f'<text x="{x}" y="{top - 8}" text-anchor="middle">d{depth:g}</text>')
+    out.append(f'<text x="{left - 6}" y="{top - 22}" text-anchor="end">prompt tokens</text>')
+    out.append(f'<text x="{left - 6}" y="{top - 8}" text-anchor="end">needle depth</text>')
+    for i, (m, b) in enumerate(lines):
+        y = top + i * ch
+        out.append(f'<text x="{left - 6}" y="{y + ch * 0.7}" text-anchor="end">{esc(m)}'
+                   f'{"" if b is None else " @" + str(b)}</text>')
+        vals = []
+        for j, (chars, depth) in enumerate(prompts):
+            v = score.get((m, b, chars, depth))
+            if v is None:
+                continue
+            vals.append(v)
+            x = left + j * cw
+            out.append(f'<rect x="{x}" y="{y}" width="{cw - 1}" height="{ch - 1}" fill="{color(v)}"/>')
+            out.append(f'<text x="{x + cw / 2}" y="{y + ch * 0.7}" text-anchor="middle">{v:.2f}</text>')
+        if vals:
+            out.append(f'<text x="{left + cw * len(prompts) + 6}" y="{y + ch * 0.7}">mean {sum(vals) / len(vals):.2f}</text>')
+    out.append("</svg>")
+    write(path, "\n".join(out))
+
+
+def speed_plot(d, path):
+    rows = [r for r in d["rows"] if r.get("decode_tps")]
+    methods = []
+    for r in rows:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    xs = sorted({r["n_prompt"] for r in rows if r.get("n_prompt")})
+    ymax = max(r["decode_tps"] for r in rows) * 1.15
+    W, H, l, b, t, rgt = 560, 360, 60, 50, 40, 150
+    pw, ph = W - l - rgt, H - t - b
+    xmax = max(xs) * 1.05
+
+    def px(x):
+        return l + pw * x / xmax
+
+    def py(y):
+        return t + ph * (1 - y / ymax)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{l}" y="20" font-size="13">Decode speed vs prompt length, {esc(d["model"])}, '
+           f'{d["threads"]} threads</text>',
+           f'<line x1="{l}" y1="{t + ph}" x2="{l + pw}" y2="{t + ph}" stroke="black"/>',
+           f'<line x1="{l}" y1="{t}" x2="{l}" y2="{t + ph}" stroke="black"/>',
+           f'<text x="{l + pw / 2}" y="{H - 12}" text-anchor="middle">prompt tokens</text>',
+           f'<text x="16" y="{t + ph / 2}" transform="rotate(-90 16 {t + ph / 2})" text-anchor="middle">decode tokens/s</text>']
+    for x in xs:
+        out.append(f'<text x="{px(x)}" y="{t + ph + 16}" text-anchor="middle">{x}</text>')
+    step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000) if ymax / s <= 8)
+    y = 0.0
+    while y <= ymax:
+        out.append(f'<text x="{l - 6}" y="{py(y) + 4}" text-anchor="end">{y:g}</text>')
+        out.append(f'<line x1="{l}" y1="{py(y)}" x2="{l + pw}" y2="{py(y)}" stroke="#ddd"/>')
+        y += step
+    palette = ["#444", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]
+    for k, m in enumerate(methods):
+        pts = sorted((r["n_prompt"], r["decode_tps"]) for r in rows if r["method"] == m)
+        c = palette[k % len(palette)]
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="'
+                   + " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts) + '"/>')
+        for x, y in pts:
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{c}"/>')
+        label = m if m == "full" else f"{m} @{d['budget']}"
+        out.append(f'<text x="{l + pw + 10}" y="{t + 16 * (k + 1)}" fill="{c}">{esc(label)}</text>')
+    out.append("</svg>")
+    write(path, "\n".join(out))
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print("wrote", os.path.relpath(path, ROOT))
+
+
+def needle_table(d):
+    rows = d["rows"]
+    budgets = sorted({r["budget"] for r in rows if r["budget"]})
+    methods = []
+    for r in rows:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    n_prompts = len({(r["chars"], r["depth"]) for r in rows})
+    sizes = sorted({r["n_prompt"] for r in rows if r.get("n_prompt")})
+    done = "" if d.get("complete", True) else " (grid interrupted: the prompts finished so far)"
+    out = [f"Needle word score, mean over {n_prompts} prompts of {sizes[0]}-{sizes[-1]} tokens{done} "
+           f"({d['model']}; `{d['command']}`):", "",
+           "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+           "|---|" + "---|" * len(budgets)]
+    for m in methods:
+        cells = []
+        for b in budgets:
+            v = [r["score"] for r in rows if r["method"] == m and (r["budget"] == b or m == "full")]
+            cells.append(f"{sum(v) / len(v):.2f}" if v else "")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def speed_table(d):
+    out = [f"Decode speed ({d['model']}, {d['threads']} threads, {d['n_predict']} tokens decoded; `{d['command']}`):",
+           "", "| prompt tokens | method | cells after | KV MiB | decode tok/s | compression ms |", "|---|---|---|---|---|---|"]
+    full_kv = {r["n_prompt"]: r["kv_bytes_before"] for r in d["rows"] if r.get("kv_bytes_before")}
+    for r in d["rows"]:
+        cells = r.get("cells_after", r.get("n_prompt"))
+        kv = r.get("kv_bytes_after", full_kv.get(r.get("n_prompt")))
+        out.append(f"| {r.get('n_prompt')} | {r['method']} | {cells} | "
+                   f"{'' if kv is None else f'{kv / 1048576:.1f}'} | {r.get('decode_tps')} | "
+                   f"{'' if r.get('ms_total') is None else round(r['ms_total'], 1)} |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--needle", default=os.path.join(ROOT, "bench/results/needle-smollm2-cpu.json"))
+    ap.add_argument("--speed", default=os.path.join(ROOT, "bench/results/speed-smollm2-cpu.json"))
+    args = ap.parse_args()
+    parts = []
+    if os.path.exists(args.needle):
+        d = json.load(open(args.needle))
+        heatmap(d, os.path.join(ROOT, "bench/plots/needle-heatmap.svg"))
+        parts.append(needle_table(d))
+    if os.path.exists(args.speed):
+        d = json.load(open(args.speed))
+        speed_plot(d, os.path.join(ROOT, "bench/plots/decode-speed.svg"))
+        parts.append(speed_table(d))
+    write(os.path.join(ROOT, "bench/results/summary.md"), "\n\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
