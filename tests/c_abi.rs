@@ -19,12 +19,26 @@ fn profile_dir() -> PathBuf {
 }
 
 /// `libcompresskv.a` of the profile this test was built with. `cargo test` builds the library with all its
-/// crate types, so it is normally there and fresh; otherwise build it (in a separate target directory, so
-/// as not to wait on the lock of the running cargo).
+/// crate types, but leaves the static library in `deps/` (as `libcompresskv-<hash>.a`); only `cargo build`
+/// copies it up to `target/<profile>/`, where it may therefore be stale. Take the newest of these; if there
+/// is none, build it (in a separate target directory, so as not to wait on the lock of the running cargo).
 fn staticlib() -> PathBuf {
     let dir = profile_dir();
-    let lib = dir.join("libcompresskv.a");
-    if lib.is_file() {
+    let mut candidates = vec![dir.join("libcompresskv.a")];
+    if let Ok(entries) = std::fs::read_dir(dir.join("deps")) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("libcompresskv-") && name.ends_with(".a") {
+                candidates.push(e.path());
+            }
+        }
+    }
+    let newest = candidates
+        .into_iter()
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max();
+    if let Some((_, lib)) = newest {
         return lib;
     }
     let dir_name = dir
