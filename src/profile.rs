@@ -16,8 +16,11 @@
 //! Invariants of a [`Profile`] returned by [`Profile::from_json`] / [`Profile::load`]: every rule above
 //! holds, and `model.n_head % model.n_head_kv == 0`. Every error is an [`Error::Profile`] (or
 //! [`Error::Io`] for an unreadable file) whose message names the offending field.
+//!
+//! [`find_profile`] picks a model's profile out of a directory of profiles by its identity (architecture,
+//! shape and [`fingerprint`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -285,6 +288,72 @@ impl Profile {
         let r = &self.head_ranking[l];
         &r[..k.min(r.len())]
     }
+}
+
+/// At most this many examined files are named, with their reasons, in [`find_profile`]'s no-match error.
+const FIND_LISTED: usize = 8;
+
+/// The profile for `model` among the `*.json` files directly in `dir` (not its subdirectories).
+///
+/// The files are tried in sorted file-name order, each read with [`Profile::load`]; the first whose
+/// [`Profile::check_model`] passes is returned with its path (`dir` joined with the file name). Files that
+/// cannot be read or parsed are passed over, not fatal.
+///
+/// Errors: [`Error::Io`] naming `dir` if it is missing or cannot be listed; [`Error::Profile`] if no file
+/// matches, saying so for the model's arch and fingerprint and listing each file examined (the first 8,
+/// then how many more) with why it was passed over.
+pub fn find_profile(dir: impl AsRef<Path>, model: &ModelIdentity) -> Result<(PathBuf, Profile)> {
+    let dir = dir.as_ref();
+    let io = |e: std::io::Error| Error::Io(format!("cannot read the profile directory {}: {e}", dir.display()));
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        // `is_file` follows symbolic links: a link to a profile counts, a directory named `x.json` does not.
+        if path.extension().is_some_and(|x| x == "json") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+
+    let mut passed_over = Vec::new();
+    for path in files {
+        let name = path
+            .file_name()
+            .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        match Profile::load(&path).and_then(|p| p.check_model(model).map(|()| p)) {
+            Ok(p) => return Ok((path, p)),
+            Err(e) => {
+                // `load` names the file in its messages: drop that, the list names it once.
+                let shown = path.display().to_string();
+                let m = e.message();
+                let reason = if let Some(r) = m.strip_prefix(&format!("{shown}: ")) {
+                    r.to_string()
+                } else if let Some(r) = m.strip_prefix(&format!("cannot read profile {shown}: ")) {
+                    format!("cannot read: {r}")
+                } else {
+                    m.to_string()
+                };
+                passed_over.push(format!("{name} ({reason})"));
+            }
+        }
+    }
+
+    let head = format!(
+        "no profile in {} is for this model (arch {:?}, fingerprint {})",
+        dir.display(),
+        model.arch,
+        model.fingerprint
+    );
+    if passed_over.is_empty() {
+        return Err(perr(format!("{head}: the directory has no *.json file")));
+    }
+    let n = passed_over.len();
+    let mut list = passed_over.into_iter().take(FIND_LISTED).collect::<Vec<_>>().join(", ");
+    if n > FIND_LISTED {
+        list.push_str(&format!(", and {} more", n - FIND_LISTED));
+    }
+    let files = if n == 1 { "file" } else { "files" };
+    Err(perr(format!("{head}; {n} {files} examined: {list}")))
 }
 
 /// Fingerprint of a canonical metadata string: 64-bit FNV-1a, 16 lower-case hex digits.

@@ -1,7 +1,9 @@
 //! Profile JSON: round trip through text and file, and every kind of corruption refused with a message
-//! naming the field.
+//! naming the field; finding a model's profile in a directory.
 
-use compresskv::profile::{fingerprint, ModelIdentity, Profile};
+use std::path::{Path, PathBuf};
+
+use compresskv::profile::{find_profile, fingerprint, ModelIdentity, Profile};
 use compresskv::Error;
 use serde_json::{json, Value};
 
@@ -227,4 +229,133 @@ fn check_model_names_every_field() {
         !m.contains("n_layer") && !m.contains("fingerprint") && !m.contains("arch"),
         "{m}"
     );
+}
+
+/// A fresh, empty directory under the system temp dir, unique to this process and `tag`.
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ckv-tests-find-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+/// The test profile, but for the model `llama` with another fingerprint (same shape).
+fn other_model_profile() -> Profile {
+    let mut p = profile();
+    p.model.arch = "llama".into();
+    p.model.fingerprint = fingerprint("another model");
+    p
+}
+
+#[test]
+fn find_picks_the_first_matching_file_in_name_order() {
+    let dir = temp_dir("match");
+    write(&dir, "a-other.json", &other_model_profile().to_json_pretty());
+    write(&dir, "b-broken.json", "{\"version\": 1,");
+    let mut second = profile();
+    second.calibration = json!({"tool": "second"});
+    // Written before the first match, found after it: the order is by name, not by creation.
+    write(&dir, "d-match.json", &second.to_json_pretty());
+    write(&dir, "c-match.json", &profile().to_json_pretty());
+    write(&dir, "0-not-a-profile.txt", "ignored: not *.json");
+    std::fs::create_dir(dir.join("0-sub.json")).unwrap(); // a directory, not a file: ignored
+    write(&dir.join("0-sub.json"), "x.json", &profile().to_json_pretty());
+
+    let (path, p) = find_profile(&dir, &model()).unwrap();
+    assert_eq!(path, dir.join("c-match.json"));
+    assert_eq!(p, profile());
+
+    // The other model's profile is found for that model, before the broken file and the later ones.
+    let (path, p) = find_profile(&dir, &other_model_profile().model).unwrap();
+    assert_eq!(path, dir.join("a-other.json"));
+    assert_eq!(p, other_model_profile());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn find_without_a_match_lists_every_file_and_why() {
+    let dir = temp_dir("nomatch");
+    write(&dir, "a-other.json", &other_model_profile().to_json_pretty());
+    write(&dir, "b-broken.json", "{\"version\": 1,");
+    write(&dir, "c-v2.json", &text_with(|v| v["version"] = json!(2)));
+    let mut want = model();
+    want.n_layer = 30;
+    want.fingerprint = fingerprint("wanted");
+    let e = find_profile(&dir, &want).unwrap_err();
+    assert!(matches!(e, Error::Profile(_)), "{e:?}");
+    assert_eq!(e.status(), 5);
+    let m = e.message();
+    let head = format!(
+        "no profile in {} is for this model (arch \"qwen2\", fingerprint {})",
+        dir.display(),
+        want.fingerprint
+    );
+    assert!(m.starts_with(&head), "{m}");
+    assert!(m.contains("3 files examined"), "{m}");
+    // Each file is named once, with the reason: the fields that differ, the parse error.
+    let a = m.find("a-other.json (").expect(m);
+    let b = m.find("b-broken.json (").expect(m);
+    let c = m.find("c-v2.json (").expect(m);
+    assert!(a < b && b < c, "{m}");
+    let a_reason = &m[a..b];
+    assert!(a_reason.contains("arch: profile \"llama\", model \"qwen2\""), "{m}");
+    assert!(a_reason.contains("n_layer: profile 3, model 30"), "{m}");
+    assert!(a_reason.contains("fingerprint: profile"), "{m}");
+    assert!(!a_reason.contains("head_dim"), "{m}");
+    assert!(m[b..c].contains("not valid JSON"), "{m}");
+    assert!(m[c..].contains("version: 2 is not supported"), "{m}");
+    assert_eq!(
+        m.matches(&dir.display().to_string()).count(),
+        1,
+        "the path once, in the head: {m}"
+    );
+    assert!(!m.contains("more"), "{m}");
+
+    // Beyond 8 files, the rest are counted.
+    for i in 0..9 {
+        write(&dir, &format!("z{i}.json"), "[]");
+    }
+    let m = find_profile(&dir, &want).unwrap_err().message().to_string();
+    assert!(m.contains("12 files examined"), "{m}");
+    assert!(m.contains("z4.json (the profile is not a JSON object)"), "{m}");
+    assert!(!m.contains("z5.json"), "{m}");
+    assert!(m.ends_with(", and 4 more"), "{m}");
+    println!("{m}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn find_in_an_empty_directory() {
+    let dir = temp_dir("empty");
+    write(&dir, "profile.json.bak", &profile().to_json_pretty());
+    let e = find_profile(&dir, &model()).unwrap_err();
+    assert!(matches!(e, Error::Profile(_)), "{e:?}");
+    let m = e.message();
+    assert!(
+        m.contains(&dir.display().to_string()) && m.contains("no *.json file"),
+        "{m}"
+    );
+    assert!(m.contains(&model().fingerprint) && m.contains("qwen2"), "{m}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn find_in_a_missing_directory_is_io() {
+    let dir = std::env::temp_dir().join(format!("ckv-tests-find-missing-{}/none", std::process::id()));
+    let e = find_profile(&dir, &model()).unwrap_err();
+    assert!(matches!(e, Error::Io(_)), "{e:?}");
+    assert_eq!(e.status(), 6);
+    assert!(e.message().contains(&dir.display().to_string()), "{e}");
+
+    // A file is not a directory either.
+    let tmp = temp_dir("file");
+    let file = tmp.join("p.json");
+    std::fs::write(&file, profile().to_json_pretty()).unwrap();
+    let e = find_profile(&file, &model()).unwrap_err();
+    assert!(matches!(e, Error::Io(_)) && e.message().contains("p.json"), "{e:?}");
+    std::fs::remove_dir_all(&tmp).unwrap();
 }
