@@ -152,6 +152,16 @@ ckv_status ckv_profile_load(const char * path, const ckv_model_desc * model, ckv
 ckv_status ckv_profile_parse(const char * json, size_t len, const ckv_model_desc * model, ckv_profile ** out);
 void       ckv_profile_free(ckv_profile * profile);
 
+/* Find the profile for `model` (required) among the *.json files directly in the directory `dir`: the files
+ * are tried in sorted name order and the first whose model matches is loaded; files that cannot be read or
+ * parsed are passed over. On success *out is a new handle (free it with ckv_profile_free) and the matched
+ * file's path (dir/name) is written NUL-terminated to path_buf, unless path_buf is NULL with path_buf_size 0
+ * (path not wanted); CKV_ERR_SIZE if it does not fit (then no handle is made). No match: CKV_ERR_PROFILE,
+ * with a message listing each file examined and why it was passed over; dir missing or unreadable:
+ * CKV_ERR_IO. On failure *out is left as it was. */
+ckv_status ckv_profile_find(const char * dir, const ckv_model_desc * model, char * path_buf, size_t path_buf_size,
+                            ckv_profile ** out);
+
 /* Plan the compression of one sequence of n_tokens tokens.
  * - cells:   n_tokens cell indices, token order (positions ascending), distinct, < keys[l].n_cells
  * - keys:    shape.n_layer K buffers

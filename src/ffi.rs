@@ -30,7 +30,7 @@ use crate::budget::{self, Allocation};
 use crate::error::{Error, Result};
 use crate::layout::{Geometry, LayerView, LayerViewMut, Layout};
 use crate::plan::{self, LayerInput, Method, Params, Plan, Shape};
-use crate::profile::{fingerprint_bytes, ModelIdentity, Profile};
+use crate::profile::{find_profile, fingerprint_bytes, ModelIdentity, Profile};
 use crate::score::{Heads, PoolKind};
 use crate::types::{dequantize_row, GgmlType};
 
@@ -412,7 +412,7 @@ unsafe fn plan_ref<'a>(p: *const ckv_plan) -> Result<&'a ckv_plan> {
 }
 
 /// # Safety
-/// `p` is null or a pointer obtained from `ckv_profile_load/parse` and not yet freed.
+/// `p` is null or a pointer obtained from `ckv_profile_load/parse/find` and not yet freed.
 unsafe fn profile_ref<'a>(p: *const ckv_profile) -> Result<&'a ckv_profile> {
     // SAFETY: forwarded to the caller.
     let h = unsafe { deref(p, "profile") }?;
@@ -1099,6 +1099,77 @@ pub unsafe extern "C" fn ckv_profile_load(
     })
 }
 
+/// `ckv_profile_find`: the profile for `model` among the `*.json` files directly in `dir` (see
+/// [`find_profile`]); its path into `path_buf` (unless `path_buf` is NULL with `path_buf_size` 0).
+///
+/// # Safety
+/// `dir` is null or a NUL-terminated string; `model` is null or a valid `ckv_model_desc` whose strings are
+/// null or NUL-terminated; `path_buf` is null or valid for writes of `path_buf_size` bytes; `out` is null
+/// or valid for a pointer write.
+#[no_mangle]
+pub unsafe extern "C" fn ckv_profile_find(
+    dir: *const c_char,
+    model: *const ckv_model_desc,
+    path_buf: *mut c_char,
+    path_buf_size: usize,
+    out: *mut *mut ckv_profile,
+) -> ckv_status {
+    run("ckv_profile_find", || {
+        // SAFETY: the caller guarantees a NUL-terminated string or NULL.
+        let d = unsafe { c_str(dir, "dir") }?;
+        // SAFETY: the caller guarantees a valid ckv_model_desc or NULL.
+        let m = unsafe { deref(model, "model") }?;
+        if path_buf.is_null() && path_buf_size > 0 {
+            return Err(Error::Null(format!(
+                "path_buf is NULL with path_buf_size {path_buf_size}"
+            )));
+        }
+        check_ptr(out, "out")?;
+        // SAFETY: the desc's strings are the caller's NUL-terminated strings.
+        let id = unsafe { model_identity(m) }?;
+        #[cfg(unix)]
+        let dir = {
+            use std::os::unix::ffi::OsStrExt;
+            std::path::PathBuf::from(std::ffi::OsStr::from_bytes(d.to_bytes()))
+        };
+        #[cfg(not(unix))]
+        let dir = std::path::PathBuf::from(
+            d.to_str()
+                .map_err(|e| Error::InvalidArg(format!("dir is not UTF-8: {e}")))?,
+        );
+        let (path, profile) = find_profile(&dir, &id)?;
+        if !path_buf.is_null() {
+            #[cfg(unix)]
+            let bytes = {
+                use std::os::unix::ffi::OsStrExt;
+                path.as_os_str().as_bytes()
+            };
+            #[cfg(not(unix))]
+            let bytes = path
+                .to_str()
+                .ok_or_else(|| Error::InvalidArg(format!("the path {} is not UTF-8", path.display())))?
+                .as_bytes();
+            if path_buf_size <= bytes.len() {
+                return Err(Error::Size(format!(
+                    "path_buf_size {path_buf_size} is too small for the matched profile's path {} \
+                     (needs {} bytes with the NUL)",
+                    path.display(),
+                    bytes.len() + 1
+                )));
+            }
+            // SAFETY: `path_buf` is non-null and writable for `path_buf_size > bytes.len()` bytes (caller);
+            // `bytes` is ours.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), path_buf.cast::<u8>(), bytes.len());
+                path_buf.add(bytes.len()).write(0);
+            }
+        }
+        // The model was checked by `find_profile`: hand out the handle only.
+        // SAFETY: `out` checked above; NULL model means no second check.
+        unsafe { finish_profile(profile, std::ptr::null(), out) }
+    })
+}
+
 /// `ckv_profile_parse`: parse a profile from `len` bytes of JSON, check it against `model` (if not NULL).
 ///
 /// # Safety
@@ -1124,7 +1195,7 @@ pub unsafe extern "C" fn ckv_profile_parse(
 /// `ckv_profile_free`: free a profile handle (NULL is allowed).
 ///
 /// # Safety
-/// `profile` is null or a live handle from `ckv_profile_load/parse`, not used afterwards.
+/// `profile` is null or a live handle from `ckv_profile_load/parse/find`, not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn ckv_profile_free(profile: *mut ckv_profile) {
     if profile.is_null() {

@@ -441,6 +441,59 @@ static ckv_profile * test_profiles(void) {
     return loaded;
 }
 
+/* A directory holding a profile for another model (5 layers), a broken file and the example's profile:
+ * ckv_profile_find picks the example's, writes its path, and refuses the rest. */
+static void test_profile_find(void) {
+    char           dir[] = "/tmp/ckv_example_dir_XXXXXX";
+    char           path[3][64], json[2048], found[64];
+    const char *   names[3] = {"a-other.json", "b-broken.json", "c-example.json"};
+    ckv_model_desc m        = model_desc();
+    ckv_profile *  sentinel = (ckv_profile *) (uintptr_t) 0x10;
+    ckv_profile *  p        = sentinel;
+    if (mkdtemp(dir) == NULL) {
+        CHECK(!"mkdtemp");
+        return;
+    }
+    for (int i = 0; i < 3; i++) {
+        snprintf(path[i], sizeof path[i], "%s/%s", dir, names[i]);
+        int   len = i == 1 ? snprintf(json, sizeof json, "{\"version\": 1,") :
+                             profile_json(json, sizeof json, i == 0 ? 5 : N_LAYER, 1);
+        FILE * f  = fopen(path[i], "w");
+        CHECK(f != NULL && fwrite(json, 1, (size_t) len, f) == (size_t) len);
+        if (f) fclose(f);
+    }
+
+    memset(found, 'x', sizeof found);
+    OK(ckv_profile_find(dir, &m, found, sizeof found, &p));
+    CHECK(p != NULL && p != sentinel && strcmp(found, path[2]) == 0);
+    ckv_profile_free(p);
+    p = sentinel;
+    OK(ckv_profile_find(dir, &m, NULL, 0, &p)); /* path not wanted */
+    CHECK(p != NULL && p != sentinel);
+    ckv_profile_free(p);
+
+    p = sentinel;
+    memset(found, 'x', sizeof found);
+    REFUSED(ckv_profile_find(dir, &m, found, strlen(path[2]), &p), CKV_ERR_SIZE, "path_buf_size");
+    CHECK(p == sentinel && found[0] == 'x');
+    ckv_model_desc other = m;
+    other.fingerprint    = "0000000000000000";
+    REFUSED(ckv_profile_find(dir, &other, found, sizeof found, &p), CKV_ERR_PROFILE, "no profile in");
+    CHECK(strstr(ckv_last_error(), "a-other.json (the profile is for another model: n_layer: profile 5") != NULL &&
+          strstr(ckv_last_error(), "b-broken.json (not valid JSON") != NULL &&
+          strstr(ckv_last_error(), "c-example.json (the profile is for another model: fingerprint") != NULL);
+    REFUSED(ckv_profile_find("/nonexistent/ckv_profiles", &m, found, sizeof found, &p), CKV_ERR_IO,
+            "/nonexistent/ckv_profiles");
+    REFUSED(ckv_profile_find(NULL, &m, found, sizeof found, &p), CKV_ERR_NULL, "dir");
+    REFUSED(ckv_profile_find(dir, NULL, found, sizeof found, &p), CKV_ERR_NULL, "model");
+    REFUSED(ckv_profile_find(dir, &m, NULL, sizeof found, &p), CKV_ERR_NULL, "path_buf");
+    REFUSED(ckv_profile_find(dir, &m, found, sizeof found, NULL), CKV_ERR_NULL, "out");
+    CHECK(p == sentinel && found[0] == 'x');
+
+    for (int i = 0; i < 3; i++) unlink(path[i]);
+    rmdir(dir);
+}
+
 /* ---- plans ----------------------------------------------------------------------------------------- */
 
 static void test_plan_create_refusals(const ckv_params * good, ckv_profile * wrong_profile) {
@@ -644,6 +697,7 @@ int main(void) {
     test_budgets();
     ckv_profile * profile = test_profiles();
     CHECK(profile != NULL);
+    test_profile_find();
 
     /* A profile parsed without a model check, for a model with 5 layers. */
     char          json[2048];
