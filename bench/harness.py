@@ -38,7 +38,50 @@ METHODS = {
     "pyramidkv": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "pyramidkv"],
     "compresskv-paper": ["--compresskv", "--compresskv-preset", "paper"],
     "compresskv": ["--compresskv"],
+    # the profile comparison (issue: offline calibration), every one with our selection defaults:
+    "snapkv-ours": ["--compresskv", "--compresskv-method", "snapkv"],        # all heads, uniform budgets
+    "snapkv-srh": ["--compresskv", "--compresskv-method", "snapkv-srh"],     # the profile's SRHs, uniform
+    "compresskv-exact": ["--compresskv", "--compresskv-form", "exact"],      # SRHs + weighted budgets, exact form
+    # the same, its average budget lowered until its largest layer budget (the occupied cells) is the budget
+    "compresskv-exact-bytes": ["--compresskv", "--compresskv-form", "exact"],
 }
+# methods whose budget is matched to the occupied KV bytes of the uniform methods
+MATCH_BYTES = {"compresskv-exact-bytes"}
+
+
+def _round(x):
+    return int(x + 0.5) if x >= 0 else -int(-x + 0.5)
+
+
+def weighted_budgets(p, avg, floor=32):
+    """The library's weighted allocation (src/budget.rs, DESIGN 1.3), to find the occupied cells of a budget."""
+    n = len(p)
+    floor = min(floor, avg)
+    s = sum(p)
+    p = [x / s for x in p]
+    total, hi = avg * n, 3 * avg
+    b = [min(max(floor + _round(x * (total - floor * n)), floor), hi) for x in p]
+    add = sorted(range(n), key=lambda l: (-p[l], l))
+    rem = sorted(range(n), key=lambda l: (p[l], l))
+    while sum(b) < total:
+        for l in add:
+            if b[l] < hi and sum(b) < total:
+                b[l] += 1
+    while sum(b) > total:
+        for l in rem:
+            if b[l] > floor and sum(b) > total:
+                b[l] -= 1
+    return b
+
+
+def matched_budget(profile, slots):
+    """The largest average budget whose largest layer budget fits `slots` cells."""
+    with open(profile) as f:
+        p = json.load(f)["layer_weights"]
+    for avg in range(slots, 0, -1):
+        if max(weighted_budgets(p, avg)) <= slots:
+            return avg
+    return 1
 
 
 def sh(*args):
@@ -110,6 +153,7 @@ class Runner:
                                               "kv_bytes_after", "ms_redecode", "ms_compact", "ms_total")})
                 row["window"] = s["plan"].get("window")
                 row["method_lib"] = s["plan"].get("method")
+                row["profile"] = s.get("profile")
         if not row["ok"]:
             row["log_tail"] = p.stderr[-2000:]
         return row
@@ -133,10 +177,15 @@ def needle_cmd(args):
             prompt = r.prompt(chars, depth)
             for m in methods:
                 for budget in ([None] if METHODS[m] is None else map(int, args.budgets.split(","))):
-                    flags = None if METHODS[m] is None else METHODS[m] + ["--compresskv-budget", str(budget)]
+                    avg = budget
+                    if m in MATCH_BYTES:
+                        avg = matched_budget(os.path.join(ROOT, "profiles", f"{args.model}.json"), budget)
+                    flags = None if METHODS[m] is None else METHODS[m] + ["--compresskv-budget", str(avg)]
                     row = r.run(prompt, flags, args.n_predict, args.ctx)
                     row.update({"chars": chars, "depth": depth, "method": m, "budget": budget,
                                 "score": needle.score(row["answer"])})
+                    if avg != budget:
+                        row["avg_budget"] = avg
                     rows.append(row)
                     print(f"{chars:6d} d{depth:.1f} {m:17s} {str(budget):5s} score {row['score']:.2f} "
                           f"n={row.get('n_prompt')} {row['answer'][:70]!r}", flush=True)
@@ -196,7 +245,7 @@ def main():
             p.add_argument("--chars", default="6000,14000")
             p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
             p.add_argument("--budgets", default="128,256")
-            p.add_argument("--methods", default=",".join(METHODS))
+            p.add_argument("--methods", default="full,streamingllm,snapkv,pyramidkv,compresskv-paper,compresskv")
             p.add_argument("--n-predict", type=int, default=32)
             p.add_argument("--ctx", type=int, default=4608)
         else:

@@ -58,6 +58,7 @@ typedef enum ckv_method {
     CKV_METHOD_SNAPKV       = 1, /* all query heads, uniform budgets                        */
     CKV_METHOD_PYRAMIDKV    = 2, /* all query heads, pyramid budgets                        */
     CKV_METHOD_STREAMINGLLM = 3, /* sink + recent tokens, no scoring                        */
+    CKV_METHOD_SNAPKV_SRH   = 4, /* ablation: the profile's SRHs, uniform budgets (needs one) */
 } ckv_method;
 
 typedef enum ckv_pool {

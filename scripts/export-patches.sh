@@ -13,6 +13,7 @@ series=(
   "0002-core-llama_kv_compress.patch:include/llama.h src/llama-cparams.h src/llama-graph.h src/llama-graph.cpp src/llama-context.h src/llama-context.cpp src/llama-kv-cache.h src/llama-kv-cache.cpp src/llama-compresskv.cpp"
   "0003-common-compresskv-flags.patch:common/common.h common/common.cpp common/arg.cpp"
   "0004-tools-compress-after-prefill.patch:tools/completion/completion.cpp tools/server/server-context.cpp"
+  "0005-tools-compresskv-calibrate.patch:tools/CMakeLists.txt tools/compresskv-calibrate"
 )
 listed=()
 for entry in "${series[@]}"; do
@@ -24,3 +25,9 @@ for entry in "${series[@]}"; do
 done
 rest=$(git diff --cached --name-only upstream -- . "${listed[@]/#/:!}" | grep -v '^.compresskv-patched$' || true)
 [ -z "$rest" ] || { echo "export-patches.sh: changed files not in any patch: $rest" >&2; exit 1; }
+
+# the tree now is the pristine source with these patches: stamp it so vendor/fetch.sh leaves it alone
+shopt -s nullglob
+patches=("$out"/*.patch)
+sha=$(sed -n 's/^sha256=//p' "$root/vendor/llama.cpp.pin")
+{ echo "$sha"; cat "${patches[@]}"; } | sha256sum | cut -c1-16 > .compresskv-patched

@@ -6,5 +6,5 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/setup.sh
-scripts/build-llama.sh --targets "llama-completion llama-cli llama-server"
+scripts/build-llama.sh --targets "llama-completion llama-cli llama-server llama-compresskv-calibrate"
 cargo test --release "$@"

@@ -83,6 +83,8 @@ pub const CKV_METHOD_SNAPKV: i32 = 1;
 pub const CKV_METHOD_PYRAMIDKV: i32 = 2;
 /// StreamingLLM.
 pub const CKV_METHOD_STREAMINGLLM: i32 = 3;
+/// SnapKV + SRH (ablation).
+pub const CKV_METHOD_SNAPKV_SRH: i32 = 4;
 
 /// `ckv_pool`: average pooling.
 pub const CKV_POOL_AVG: i32 = 0;
@@ -433,6 +435,7 @@ fn method_id(m: Method) -> i32 {
         Method::SnapKv => CKV_METHOD_SNAPKV,
         Method::PyramidKv => CKV_METHOD_PYRAMIDKV,
         Method::StreamingLlm => CKV_METHOD_STREAMINGLLM,
+        Method::SnapKvSrh => CKV_METHOD_SNAPKV_SRH,
     }
 }
 
@@ -442,9 +445,10 @@ fn method_from_id(id: i32) -> Result<Method> {
         CKV_METHOD_SNAPKV => Method::SnapKv,
         CKV_METHOD_PYRAMIDKV => Method::PyramidKv,
         CKV_METHOD_STREAMINGLLM => Method::StreamingLlm,
+        CKV_METHOD_SNAPKV_SRH => Method::SnapKvSrh,
         _ => {
             return Err(Error::InvalidArg(format!(
-                "params.method: {id} is not a ckv_method (0..=3)"
+                "params.method: {id} is not a ckv_method (0..=4)"
             )))
         }
     })
@@ -608,7 +612,7 @@ fn to_params(c: &ckv_params) -> Result<Params> {
     };
     let chunk = nonneg(c.chunk, "params.chunk")?;
     let n_srh = nonneg(c.n_srh, "params.n_srh")?;
-    if n_srh == 0 && method == Method::CompressKv {
+    if n_srh == 0 && matches!(method, Method::CompressKv | Method::SnapKvSrh) {
         return Err(Error::InvalidArg(
             "params.n_srh: 0 (CompressKV needs >= 1 retrieval head)".into(),
         ));
@@ -897,7 +901,8 @@ pub unsafe extern "C" fn ckv_params_default(params: *mut ckv_params) -> ckv_stat
     })
 }
 
-/// `ckv_method_from_name`: `"compresskv"`, `"snapkv"`, `"pyramidkv"`, `"streamingllm"` (ASCII case ignored).
+/// `ckv_method_from_name`: `"compresskv"`, `"snapkv"`, `"pyramidkv"`, `"streamingllm"`, `"snapkv-srh"` (ASCII case
+/// ignored).
 ///
 /// # Safety
 /// `name` is null or a NUL-terminated string; `out` is null or valid for a write of an `int`-sized enum.
@@ -913,12 +918,13 @@ pub unsafe extern "C" fn ckv_method_from_name(name: *const c_char, out: *mut i32
             Method::SnapKv,
             Method::PyramidKv,
             Method::StreamingLlm,
+            Method::SnapKvSrh,
         ]
         .into_iter()
         .find(|m| m.name().eq_ignore_ascii_case(&text))
         .ok_or_else(|| {
             Error::InvalidArg(format!(
-                "unknown method name {text:?} (expected compresskv, snapkv, pyramidkv or streamingllm)"
+                "unknown method name {text:?} (expected compresskv, snapkv, pyramidkv, streamingllm or snapkv-srh)"
             ))
         })?;
         // SAFETY: checked non-null and aligned.

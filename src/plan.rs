@@ -65,6 +65,8 @@ pub enum Method {
     PyramidKv,
     /// Sinks + most recent tokens, no scoring.
     StreamingLlm,
+    /// Ablation: the profile's SRH scoring with uniform budgets (SnapKV + SRH; needs a profile).
+    SnapKvSrh,
 }
 
 impl Method {
@@ -75,6 +77,7 @@ impl Method {
             Method::SnapKv => "snapkv",
             Method::PyramidKv => "pyramidkv",
             Method::StreamingLlm => "streamingllm",
+            Method::SnapKvSrh => "snapkv-srh",
         }
     }
 }
@@ -301,6 +304,16 @@ pub fn build(
             )
         }
         (Method::CompressKv, None) => (vec![all_heads; shape.n_layer], Allocation::Uniform, 0, true),
+        (Method::SnapKvSrh, Some(p)) => {
+            check_profile(p, params.n_srh, shape)?;
+            let heads = (0..shape.n_layer).map(|l| p.srh(l, params.n_srh).to_vec()).collect();
+            (heads, Allocation::Uniform, 0, false)
+        }
+        (Method::SnapKvSrh, None) => {
+            return Err(Error::Profile(
+                "method snapkv-srh scores with the profile's SRHs: give a profile".into(),
+            ))
+        }
         (Method::SnapKv, _) => (vec![all_heads; shape.n_layer], Allocation::Uniform, 0, false),
         (Method::PyramidKv, _) => (
             vec![all_heads; shape.n_layer],

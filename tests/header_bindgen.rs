@@ -360,6 +360,7 @@ fn header_matches_rust_exports() {
         CKV_METHOD_SNAPKV,
         CKV_METHOD_PYRAMIDKV,
         CKV_METHOD_STREAMINGLLM,
+        CKV_METHOD_SNAPKV_SRH,
         CKV_POOL_AVG,
         CKV_POOL_MAX,
         CKV_ALLOC_UNIFORM,

@@ -163,6 +163,7 @@ fn random_case(rng: &mut Rng) -> Case {
         Method::SnapKv,
         Method::PyramidKv,
         Method::StreamingLlm,
+        Method::SnapKvSrh,
     ]);
     let (budget, ratio) = match rng.below(8) {
         0 => (0, rng.pick(&[0.25f32, 0.5, 1.0])),
@@ -185,7 +186,8 @@ fn random_case(rng: &mut Rng) -> Case {
         floor: rng.pick(&[0, 1, 4, 32]),
         pyramid_beta: rng.pick(&[1.0, 2.5, 20.0]),
     };
-    let profile = (method == Method::CompressKv && rng.below(4) != 0).then(|| random_profile(rng, shape));
+    let profile = ((method == Method::CompressKv && rng.below(4) != 0) || method == Method::SnapKvSrh)
+        .then(|| random_profile(rng, shape));
 
     let n_cells = n + rng.below(20);
     let mut all: Vec<u32> = (0..n_cells as u32).collect();
@@ -381,6 +383,7 @@ fn every_method_and_option_is_exercised() {
         Method::SnapKv,
         Method::PyramidKv,
         Method::StreamingLlm,
+        Method::SnapKvSrh,
     ] {
         for per_head in [false, true] {
             for fill in [false, true] {
@@ -392,7 +395,9 @@ fn every_method_and_option_is_exercised() {
                         case.params.fill = fill;
                         case.params.chunk = chunk;
                         case.params.pool = pool;
-                        if method == Method::CompressKv && case.profile.is_none() && rng.coin() {
+                        if method == Method::SnapKvSrh && case.profile.is_none()
+                            || method == Method::CompressKv && case.profile.is_none() && rng.coin()
+                        {
                             case.profile = Some(random_profile(&mut rng, case.shape));
                         }
                         check_case(&case, &mut tally);

@@ -75,6 +75,11 @@ for p in "${patches[@]}"; do
   echo "applied $(basename "$p")"
 done
 echo "$series" > "$dest.tmp/.compresskv-patched"
-rm -rf "$dest"
+if [ -d "$dest" ]; then
+  # keep the replaced tree (it may hold edits not yet exported with scripts/export-patches.sh)
+  rm -rf "$dest.prev"
+  mv "$dest" "$dest.prev"
+  echo "the previous tree is in vendor/llama.cpp.prev"
+fi
 mv "$dest.tmp" "$dest"
 echo "vendor/llama.cpp ready (commit $(get commit), patch series $series)"

@@ -302,6 +302,8 @@ static void test_basics(void) {
     CHECK(m == CKV_METHOD_PYRAMIDKV);
     OK(ckv_method_from_name("streamingllm", &m));
     CHECK(m == CKV_METHOD_STREAMINGLLM);
+    OK(ckv_method_from_name("snapkv-srh", &m));
+    CHECK(m == CKV_METHOD_SNAPKV_SRH);
     OK(ckv_method_from_name("compresskv", &m));
     CHECK(m == CKV_METHOD_COMPRESSKV);
     REFUSED(ckv_method_from_name("bogus_method", &m), CKV_ERR_INVALID_ARG, "bogus_method");
@@ -525,6 +527,8 @@ static void test_plan_create_refusals(const ckv_params * good, ckv_profile * wro
             "params.size");
     REFUSED(ckv_plan_create(WITH_PARAMS(method, (ckv_method) 9), &shape, NULL, cells, N_TOK, C.kb, q, &out),
             CKV_ERR_INVALID_ARG, "params.method");
+    REFUSED(ckv_plan_create(WITH_PARAMS(method, CKV_METHOD_SNAPKV_SRH), &shape, NULL, cells, N_TOK, C.kb, q, &out),
+            CKV_ERR_PROFILE, "profile");
     REFUSED(ckv_plan_create(WITH_PARAMS(budget, 0), &shape, NULL, cells, N_TOK, C.kb, q, &out),
             CKV_ERR_INVALID_ARG, "budget");
     REFUSED(ckv_plan_create(WITH_PARAMS(budget, -64), &shape, NULL, cells, N_TOK, C.kb, q, &out),

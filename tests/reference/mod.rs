@@ -336,6 +336,13 @@ pub fn plan(params: &Params, a: Attn, profile: Option<&Profile>, layers: &[RefLa
                 (vec![all_heads.clone(); n_layer], Allocation::Uniform, 0)
             }
         },
+        Method::SnapKvSrh => {
+            let p = profile.expect("snapkv-srh needs a profile");
+            let heads = (0..n_layer)
+                .map(|l| p.head_ranking[l].iter().take(params.n_srh).cloned().collect())
+                .collect();
+            (heads, Allocation::Uniform, 0)
+        }
         Method::SnapKv => (vec![all_heads.clone(); n_layer], Allocation::Uniform, 0),
         Method::PyramidKv => (
             vec![all_heads.clone(); n_layer],
