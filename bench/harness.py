@@ -42,46 +42,9 @@ METHODS = {
     "snapkv-ours": ["--compresskv", "--compresskv-method", "snapkv"],        # all heads, uniform budgets
     "snapkv-srh": ["--compresskv", "--compresskv-method", "snapkv-srh"],     # the profile's SRHs, uniform
     "compresskv-exact": ["--compresskv", "--compresskv-form", "exact"],      # SRHs + weighted budgets, exact form
-    # the same, its average budget lowered until its largest layer budget (the occupied cells) is the budget
-    "compresskv-exact-bytes": ["--compresskv", "--compresskv-form", "exact"],
+    # the paper's accounting: the budget is the average over layers, the cache holds the largest layer budget
+    "compresskv-avg": ["--compresskv", "--compresskv-form", "exact", "--compresskv-budget-avg"],
 }
-# methods whose budget is matched to the occupied KV bytes of the uniform methods
-MATCH_BYTES = {"compresskv-exact-bytes"}
-
-
-def _round(x):
-    return int(x + 0.5) if x >= 0 else -int(-x + 0.5)
-
-
-def weighted_budgets(p, avg, floor=32):
-    """The library's weighted allocation (src/budget.rs, DESIGN 1.3), to find the occupied cells of a budget."""
-    n = len(p)
-    floor = min(floor, avg)
-    s = sum(p)
-    p = [x / s for x in p]
-    total, hi = avg * n, 3 * avg
-    b = [min(max(floor + _round(x * (total - floor * n)), floor), hi) for x in p]
-    add = sorted(range(n), key=lambda l: (-p[l], l))
-    rem = sorted(range(n), key=lambda l: (p[l], l))
-    while sum(b) < total:
-        for l in add:
-            if b[l] < hi and sum(b) < total:
-                b[l] += 1
-    while sum(b) > total:
-        for l in rem:
-            if b[l] > floor and sum(b) > total:
-                b[l] -= 1
-    return b
-
-
-def matched_budget(profile, slots):
-    """The largest average budget whose largest layer budget fits `slots` cells."""
-    with open(profile) as f:
-        p = json.load(f)["layer_weights"]
-    for avg in range(slots, 0, -1):
-        if max(weighted_budgets(p, avg)) <= slots:
-            return avg
-    return 1
 
 
 def sh(*args):
@@ -177,15 +140,10 @@ def needle_cmd(args):
             prompt = r.prompt(chars, depth)
             for m in methods:
                 for budget in ([None] if METHODS[m] is None else map(int, args.budgets.split(","))):
-                    avg = budget
-                    if m in MATCH_BYTES:
-                        avg = matched_budget(os.path.join(ROOT, "profiles", f"{args.model}.json"), budget)
-                    flags = None if METHODS[m] is None else METHODS[m] + ["--compresskv-budget", str(avg)]
+                    flags = None if METHODS[m] is None else METHODS[m] + ["--compresskv-budget", str(budget)]
                     row = r.run(prompt, flags, args.n_predict, args.ctx)
                     row.update({"chars": chars, "depth": depth, "method": m, "budget": budget,
                                 "score": needle.score(row["answer"])})
-                    if avg != budget:
-                        row["avg_budget"] = avg
                     rows.append(row)
                     print(f"{chars:6d} d{depth:.1f} {m:17s} {str(budget):5s} score {row['score']:.2f} "
                           f"n={row.get('n_prompt')} {row['answer'][:70]!r}", flush=True)

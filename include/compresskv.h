@@ -148,6 +148,12 @@ ckv_status ckv_dequantize_row(int32_t type, const void * src, size_t src_size, f
 ckv_status ckv_budget_allocate(ckv_alloc alloc, int32_t avg, int32_t n_layer, int32_t floor, float beta,
                                const double * weights, int32_t * out);
 
+/* The average budget to ask for so that the largest layer budget of params->method fits `slots` cells (the
+ * memory, in a cache whose layers share cells): its allocation is weighted by `profile` (CompressKV with a
+ * profile), the pyramid (PyramidKV) or uniform (then *out == slots). Found by bisection; at least 1. */
+ckv_status ckv_budget_fit(const ckv_params * params, const ckv_profile * profile, int32_t n_layer, int32_t slots,
+                          int32_t * out);
+
 /* Load a profile from a JSON file or string and check it against `model` (NULL: no check). */
 ckv_status ckv_profile_load(const char * path, const ckv_model_desc * model, ckv_profile ** out);
 ckv_status ckv_profile_parse(const char * json, size_t len, const ckv_model_desc * model, ckv_profile ** out);

@@ -14,12 +14,15 @@ name=${1:?usage: scripts/calibrate.sh smollm2|qwen05 [tool flags]}
 shift
 
 case "$name" in
-  smollm2) lengths=${COMPRESSKV_CALIB_LENGTHS:-1000,2000,3000,4000} ;;
-  qwen05)  lengths=${COMPRESSKV_CALIB_LENGTHS:-1000,2000,3000} ;;
+  # grids sized for a 2-core CPU (SmolLM2 ~25 minutes, Qwen2.5-0.5B ~25 minutes); widen them on a bigger machine
+  smollm2) lengths=${COMPRESSKV_CALIB_LENGTHS:-1000,2000,3000,4000}
+           depths=${COMPRESSKV_CALIB_DEPTHS:-0.1,0.3,0.5,0.7,0.9}
+           samples=${COMPRESSKV_CALIB_SAMPLES:-16}; sample_tokens=2500 ;;
+  qwen05)  lengths=${COMPRESSKV_CALIB_LENGTHS:-1000,2000}
+           depths=${COMPRESSKV_CALIB_DEPTHS:-0.1,0.5,0.9}
+           samples=${COMPRESSKV_CALIB_SAMPLES:-8}; sample_tokens=1500 ;;
   *) echo "calibrate.sh: unknown model '$name' (smollm2, qwen05)" >&2; exit 2 ;;
 esac
-depths=${COMPRESSKV_CALIB_DEPTHS:-0.1,0.3,0.5,0.7,0.9}
-samples=${COMPRESSKV_CALIB_SAMPLES:-16}
 
 model=$(scripts/fetch-model.sh "$name")
 essays=$(scripts/fetch-data.sh essays)
@@ -29,7 +32,7 @@ scripts/build-llama.sh --targets llama-compresskv-calibrate >&2
 work="${COMPRESSKV_CACHE:-$HOME/.cache/compresskv}/calib/$name"
 mkdir -p "$work" profiles
 python3 scripts/calib-data.py --essays "$essays" --hotpotqa "$ruler/data/synthetic/json/hotpotqa.json" \
-  --out "$work" --lengths "$lengths" --depths "$depths" --calib "$samples" >&2
+  --out "$work" --lengths "$lengths" --depths "$depths" --calib "$samples" --calib-tokens "$sample_tokens" >&2
 
 vendor/build/bin/llama-compresskv-calibrate -m "$model" --probes "$work/probes.jsonl" --calib "$work/calib.jsonl" \
   -o "profiles/$name.json" --state "$work/state.jsonl" "$@"

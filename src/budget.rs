@@ -176,6 +176,38 @@ fn repair(b: &mut [usize], total: usize, lo: usize, hi: usize, add: &[usize], re
     }
 }
 
+/// The average budget whose largest layer budget fits `slots` cells: `slots` itself when it fits, else the
+/// largest `a` in `[1, slots)` found by bisection with `max(allocate(alloc, a, n_layer, min(floor, a))) <=
+/// slots` (1 when none does).
+///
+/// In a cache whose layers share cells (llama.cpp), memory follows the largest layer budget, so this is the
+/// average to ask for when `slots` is the memory one can spend. Uniform budgets fit exactly (`a == slots`).
+pub fn fit_average(alloc: &Allocation, slots: usize, n_layer: usize, floor: usize) -> Result<usize> {
+    if slots == 0 {
+        return Err(Error::InvalidArg("slots is 0".into()));
+    }
+    let max_at = |a: usize| -> Result<usize> {
+        Ok(allocate(alloc, a, n_layer, floor.min(a))?
+            .into_iter()
+            .max()
+            .unwrap_or(0))
+    };
+    if max_at(slots)? <= slots {
+        return Ok(slots);
+    }
+    // invariant: max_at(hi) > slots; lo == 1 or max_at(lo) <= slots
+    let (mut lo, mut hi) = (1, slots);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if max_at(mid)? <= slots {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,5 +303,31 @@ mod tests {
         // within tolerance: normalised
         let w = Allocation::Weighted(vec![0.5 + 4e-7, 0.5]);
         assert_eq!(allocate(&w, 10, 2, 0).unwrap().iter().sum::<usize>(), 20);
+    }
+
+    #[test]
+    fn fit_average_fits_the_slots() {
+        assert_eq!(fit_average(&Allocation::Uniform, 256, 30, 32).unwrap(), 256);
+        let peaked: Vec<f64> = (0..30).map(|l| if l == 7 { 0.11 } else { 0.89 / 29.0 }).collect();
+        for alloc in [Allocation::Pyramid { beta: 20.0 }, Allocation::Weighted(peaked)] {
+            for slots in [1, 2, 5, 64, 128, 256, 512, 4096] {
+                let a = fit_average(&alloc, slots, 30, 32).unwrap();
+                let max_at = |a: usize| allocate(&alloc, a, 30, 32.min(a)).unwrap().into_iter().max().unwrap();
+                assert!(a >= 1 && a <= slots);
+                assert!(
+                    a == 1 || max_at(a) <= slots,
+                    "{alloc:?} slots {slots}: a {a} max {}",
+                    max_at(a)
+                );
+                assert!(
+                    a == slots || max_at(a + 1) > slots,
+                    "{alloc:?} slots {slots}: a {a} is not the largest"
+                );
+            }
+        }
+        // the pyramid's largest layer holds about 2x the average
+        let a = fit_average(&Allocation::Pyramid { beta: 20.0 }, 512, 30, 0).unwrap();
+        assert!((255..=265).contains(&a), "{a}");
+        assert!(fit_average(&Allocation::Uniform, 0, 30, 32).is_err());
     }
 }

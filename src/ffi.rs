@@ -1006,6 +1006,58 @@ pub unsafe extern "C" fn ckv_dequantize_row(
     })
 }
 
+/// `ckv_budget_fit`: the average budget to ask for so that the largest layer budget of `params`' method (its
+/// allocation: weighted by `profile` for CompressKV, the pyramid for PyramidKV, uniform otherwise) fits
+/// `slots` cells ([`budget::fit_average`]).
+///
+/// # Safety
+/// `params` is null or valid for reads of `params->size` bytes; `profile` is null or a live profile handle;
+/// `out` is null or valid for a write of one `int32_t`.
+#[no_mangle]
+pub unsafe extern "C" fn ckv_budget_fit(
+    params: *const ckv_params,
+    profile: *const ckv_profile,
+    n_layer: i32,
+    slots: i32,
+    out: *mut i32,
+) -> ckv_status {
+    run("ckv_budget_fit", || {
+        if params.is_null() {
+            return Err(Error::Null("params is NULL".into()));
+        }
+        check_ptr(out, "out")?;
+        // SAFETY: non-null; the caller guarantees `params->size` readable bytes.
+        let prm = to_params(&unsafe { read_params(params) }?)?;
+        let prof = if profile.is_null() {
+            None
+        } else {
+            // SAFETY: the caller guarantees a live handle when non-null.
+            Some(&unsafe { profile_ref(profile) }?.profile)
+        };
+        let nl = usize::try_from(n_layer)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| Error::InvalidArg(format!("n_layer: {n_layer} (expected > 0)")))?;
+        let sl = usize::try_from(slots)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| Error::InvalidArg(format!("slots: {slots} (expected > 0)")))?;
+        if let Some(p) = prof {
+            if p.model.n_layer != nl {
+                return Err(Error::Profile(format!(
+                    "profile model.n_layer {} != n_layer {nl}",
+                    p.model.n_layer
+                )));
+            }
+        }
+        let (alloc, floor) = crate::plan::allocation_for(&prm, prof);
+        let a = budget::fit_average(&alloc, sl, nl, floor)?;
+        // SAFETY: `out` is non-null and aligned (checked) and valid for one write (caller).
+        unsafe { put(out, a as i32) };
+        Ok(())
+    })
+}
+
 /// `ckv_budget_allocate`: per-layer budgets into `out` (`n_layer` values).
 ///
 /// # Safety

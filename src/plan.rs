@@ -292,38 +292,22 @@ pub fn build(
 
     // Method: heads per layer and the allocation.
     let all_heads: Vec<usize> = (0..h.n_head).collect();
-    let (heads, allocation, floor, fallback) = match (params.method, profile) {
-        (Method::CompressKv, Some(p)) => {
+    let (allocation, floor) = allocation_for(params, profile);
+    let floor = floor.min(avg);
+    let (heads, fallback) = match (params.method, profile) {
+        (Method::CompressKv | Method::SnapKvSrh, Some(p)) => {
             check_profile(p, params.n_srh, shape)?;
             let heads = (0..shape.n_layer).map(|l| p.srh(l, params.n_srh).to_vec()).collect();
-            (
-                heads,
-                Allocation::Weighted(p.layer_weights.clone()),
-                params.floor.min(avg),
-                false,
-            )
+            (heads, false)
         }
-        (Method::CompressKv, None) => (vec![all_heads; shape.n_layer], Allocation::Uniform, 0, true),
-        (Method::SnapKvSrh, Some(p)) => {
-            check_profile(p, params.n_srh, shape)?;
-            let heads = (0..shape.n_layer).map(|l| p.srh(l, params.n_srh).to_vec()).collect();
-            (heads, Allocation::Uniform, 0, false)
-        }
+        (Method::CompressKv, None) => (vec![all_heads; shape.n_layer], true),
         (Method::SnapKvSrh, None) => {
             return Err(Error::Profile(
                 "method snapkv-srh scores with the profile's SRHs: give a profile".into(),
             ))
         }
-        (Method::SnapKv, _) => (vec![all_heads; shape.n_layer], Allocation::Uniform, 0, false),
-        (Method::PyramidKv, _) => (
-            vec![all_heads; shape.n_layer],
-            Allocation::Pyramid {
-                beta: params.pyramid_beta,
-            },
-            0,
-            false,
-        ),
-        (Method::StreamingLlm, _) => (vec![Vec::new(); shape.n_layer], Allocation::Uniform, 0, false),
+        (Method::SnapKv | Method::PyramidKv, _) => (vec![all_heads; shape.n_layer], false),
+        (Method::StreamingLlm, _) => (vec![Vec::new(); shape.n_layer], false),
     };
     let budgets = allocate(&allocation, avg, shape.n_layer, floor).map_err(|e| match (&allocation, e) {
         (Allocation::Weighted(_), Error::InvalidArg(m)) => Error::Profile(format!("profile layer_weights: {m}")),
@@ -400,6 +384,21 @@ fn check_distinct(cells: &[u32]) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The budget allocation of `params.method` and its floor (before `min(floor, avg)`): weighted by the profile's
+/// layer weights for CompressKV with a profile, the pyramid for PyramidKV, uniform otherwise.
+pub fn allocation_for(params: &Params, profile: Option<&Profile>) -> (Allocation, usize) {
+    match (params.method, profile) {
+        (Method::CompressKv, Some(p)) => (Allocation::Weighted(p.layer_weights.clone()), params.floor),
+        (Method::PyramidKv, _) => (
+            Allocation::Pyramid {
+                beta: params.pyramid_beta,
+            },
+            0,
+        ),
+        _ => (Allocation::Uniform, 0),
+    }
 }
 
 fn check_profile(p: &Profile, n_srh: usize, shape: Shape) -> Result<()> {

@@ -379,6 +379,23 @@ static void test_budgets(void) {
     REFUSED(ckv_budget_allocate(CKV_ALLOC_WEIGHTED, 64, N_LAYER, 32, 20.0f, neg_w, b), CKV_ERR_INVALID_ARG,
             "weights[3]");
     CHECK(b[0] == -7 && b[3] == -7);
+
+    /* the average whose largest layer budget fits the cells one can spend */
+    ckv_params p;
+    OK(ckv_params_default(&p));
+    int avg = -1;
+    p.method = CKV_METHOD_SNAPKV;
+    OK(ckv_budget_fit(&p, NULL, N_LAYER, 256, &avg));
+    CHECK(avg == 256);
+    p.method = CKV_METHOD_PYRAMIDKV;
+    OK(ckv_budget_fit(&p, NULL, N_LAYER, 256, &avg));
+    OK(ckv_budget_allocate(CKV_ALLOC_PYRAMID, avg, N_LAYER, 0, p.pyramid_beta, NULL, b));
+    CHECK(avg < 256 && b[0] <= 256);
+    printf("pyramid budgets fitting 256 cells: average %d, layer 0 %d\n", avg, b[0]);
+    REFUSED(ckv_budget_fit(&p, NULL, N_LAYER, 0, &avg), CKV_ERR_INVALID_ARG, "slots");
+    REFUSED(ckv_budget_fit(&p, NULL, 0, 256, &avg), CKV_ERR_INVALID_ARG, "n_layer");
+    REFUSED(ckv_budget_fit(NULL, NULL, N_LAYER, 256, &avg), CKV_ERR_NULL, "params");
+    REFUSED(ckv_budget_fit(&p, NULL, N_LAYER, 256, NULL), CKV_ERR_NULL, "out");
 }
 
 static ckv_profile * test_profiles(void) {
