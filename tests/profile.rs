@@ -359,3 +359,26 @@ fn find_in_a_missing_directory_is_io() {
     assert!(matches!(e, Error::Io(_)) && e.message().contains("p.json"), "{e:?}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// Every shipped profile validates, carries how it was calibrated, and has its two PNGs beside it.
+#[test]
+fn shipped_profiles_validate_and_have_their_pngs() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).expect("profiles/") {
+        let path = e.unwrap().path();
+        if path.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        let p = Profile::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(p.calibration["tool"], "llama-compresskv-calibrate", "{}", path.display());
+        assert!(p.calibration["srh"]["counted"].as_u64().unwrap() >= 2, "{}", path.display());
+        let stem = path.file_stem().unwrap().to_str().unwrap();
+        for png in [format!("{stem}-heads.png"), format!("{stem}-layers.png")] {
+            let bytes = std::fs::read(dir.join(&png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+            assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{png} is not a PNG");
+        }
+        n += 1;
+    }
+    assert!(n >= 1, "no profile in {}", dir.display());
+}
