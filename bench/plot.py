@@ -8,6 +8,7 @@ writes bench/plots/needle-heatmap.svg, bench/plots/decode-speed.svg and bench/re
 tables the README quotes).
 """
 import argparse
+import glob
 import json
 import os
 
@@ -168,6 +169,35 @@ def speed_table(d):
     return "\n".join(out)
 
 
+def profile_table(d):
+    """The profile comparison: needle word score and mean occupied KV cells per method and budget."""
+    rows = d["rows"]
+    budgets = sorted({r["budget"] for r in rows if r["budget"]})
+    methods = []
+    for r in rows:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    n_prompts = len({(r["chars"], r["depth"]) for r in rows})
+    sizes = sorted({r["n_prompt"] for r in rows if r.get("n_prompt")})
+    done = "" if d.get("complete", True) else " (grid interrupted: the prompts finished so far)"
+    out = [f"{d['model']}: needle word score (mean occupied KV cells per layer), {n_prompts} held-out prompts of "
+           f"{sizes[0]}-{sizes[-1]} tokens{done}; `{d['command']}`:", "",
+           "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+           "|---|" + "---|" * len(budgets)]
+    for m in methods:
+        cells = []
+        for b in budgets:
+            sel = [r for r in rows if r["method"] == m and (r["budget"] == b or m == "full")]
+            if not sel:
+                cells.append("")
+                continue
+            score = sum(r["score"] for r in sel) / len(sel)
+            occ = [r.get("cells_after", r.get("n_prompt")) for r in sel if r.get("cells_after", r.get("n_prompt"))]
+            cells.append(f"{score:.2f} ({sum(occ) / len(occ):.0f})" if occ else f"{score:.2f}")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--needle", default=os.path.join(ROOT, "bench/results/needle-smollm2-cpu.json"))
@@ -183,6 +213,9 @@ def main():
         speed_plot(d, os.path.join(ROOT, "bench/plots/decode-speed.svg"))
         parts.append(speed_table(d))
     write(os.path.join(ROOT, "bench/results/summary.md"), "\n\n".join(parts))
+    prof = [profile_table(json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/profile-*.json")))]
+    if prof:
+        write(os.path.join(ROOT, "bench/results/profiles.md"), "\n\n".join(prof))
 
 
 if __name__ == "__main__":

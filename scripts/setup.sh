@@ -15,5 +15,6 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 "$root/vendor/fetch.sh"
 "$root/scripts/fetch-model.sh" smollm2 >/dev/null
-"$root/scripts/fetch-data.sh" >/dev/null
+"$root/scripts/fetch-data.sh" essays >/dev/null
+"$root/scripts/fetch-data.sh" ruler >/dev/null
 echo "setup: done"

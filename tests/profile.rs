@@ -371,8 +371,17 @@ fn shipped_profiles_validate_and_have_their_pngs() {
             continue;
         }
         let p = Profile::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(p.calibration["tool"], "llama-compresskv-calibrate", "{}", path.display());
-        assert!(p.calibration["srh"]["counted"].as_u64().unwrap() >= 2, "{}", path.display());
+        assert_eq!(
+            p.calibration["tool"],
+            "llama-compresskv-calibrate",
+            "{}",
+            path.display()
+        );
+        assert!(
+            p.calibration["srh"]["counted"].as_u64().unwrap() >= 2,
+            "{}",
+            path.display()
+        );
         let stem = path.file_stem().unwrap().to_str().unwrap();
         for png in [format!("{stem}-heads.png"), format!("{stem}-layers.png")] {
             let bytes = std::fs::read(dir.join(&png)).unwrap_or_else(|e| panic!("{png}: {e}"));
