@@ -16,6 +16,12 @@ Then `python3 bench/plot.py` draws the SVG plots under bench/plots/ from those f
     python3 bench/harness.py needle [--model smollm2] [--chars 6000,14000] [--depths 0.1,0.3,0.5,0.7,0.9]
                                     [--budgets 128,256] [--methods ...]
     python3 bench/harness.py speed  [--model smollm2] [--tokens 1024,2048,4096,8192] [--budget 256]
+
+The profile comparison (SnapKV vs SnapKV + SRH vs CompressKV, same selection, same occupied cells):
+
+    python3 bench/harness.py needle --threads 1 --model smollm2 --chars 6000,14000 --depths 0.1,0.5,0.9 \
+        --budgets 64,128,256,512 --methods full,snapkv-ours,snapkv-srh,compresskv,compresskv-exact \
+        --out bench/results/profile-smollm2-cpu.json
 """
 import argparse
 import json
@@ -87,13 +93,13 @@ class Runner:
         os.makedirs(self.tmp, exist_ok=True)
 
     def prompt(self, chars, depth):
-        path = os.path.join(self.tmp, f"needle-{chars}-{depth}.txt")
+        path = os.path.join(self.tmp, f"needle-{chars}-{depth}-{os.getpid()}.txt")
         with open(path, "w") as f:
             f.write(needle.prompt(self.essays, chars, depth))
         return path
 
     def run(self, prompt, flags, n_predict, ctx, ignore_eos=False):
-        stats = os.path.join(self.tmp, "stats.jsonl")
+        stats = os.path.join(self.tmp, f"stats-{os.getpid()}.jsonl")  # per process: runs may overlap
         if os.path.exists(stats):
             os.remove(stats)
         cmd = [self.bin, "-m", self.model, "-f", prompt, "-n", str(n_predict), "--temp", "0", "--seed", "1",
