@@ -133,27 +133,38 @@ def write(path, text):
     print("wrote", os.path.relpath(path, ROOT))
 
 
-def needle_table(d):
+def grid_table(d, title, with_cells):
+    """Needle word score per method and budget (the full cache in every column), mean over the grid's prompts;
+    with_cells: the mean occupied KV cells per layer beside each score."""
     rows = d["rows"]
     budgets = sorted({r["budget"] for r in rows if r["budget"]})
-    methods = []
-    for r in rows:
-        if r["method"] not in methods:
-            methods.append(r["method"])
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     n_prompts = len({(r["chars"], r["depth"]) for r in rows})
     sizes = sorted({r["n_prompt"] for r in rows if r.get("n_prompt")})
     done = "" if d.get("complete", True) else " (grid interrupted: the prompts finished so far)"
-    out = [f"Needle word score, mean over {n_prompts} prompts of {sizes[0]}-{sizes[-1]} tokens{done} "
-           f"({d['model']}; `{d['command']}`):", "",
+    out = [title.format(n_prompts=n_prompts, lo=sizes[0], hi=sizes[-1], done=done, model=d["model"],
+                        command=d["command"]), "",
            "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |",
            "|---|" + "---|" * len(budgets)]
     for m in methods:
         cells = []
         for b in budgets:
-            v = [r["score"] for r in rows if r["method"] == m and (r["budget"] == b or m == "full")]
-            cells.append(f"{sum(v) / len(v):.2f}" if v else "")
+            sel = [r for r in rows if r["method"] == m and (r["budget"] == b or m == "full")]
+            if not sel:
+                cells.append("")
+                continue
+            text = f"{sum(r['score'] for r in sel) / len(sel):.2f}"
+            occ = [r.get("cells_after", r.get("n_prompt")) for r in sel]
+            if with_cells and all(occ):
+                text += f" ({sum(occ) / len(occ):.0f})"
+            cells.append(text)
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def needle_table(d):
+    return grid_table(d, "Needle word score, mean over {n_prompts} prompts of {lo}-{hi} tokens{done} "
+                         "({model}; `{command}`):", with_cells=False)
 
 
 def speed_table(d):
@@ -171,31 +182,8 @@ def speed_table(d):
 
 def profile_table(d):
     """The profile comparison: needle word score and mean occupied KV cells per method and budget."""
-    rows = d["rows"]
-    budgets = sorted({r["budget"] for r in rows if r["budget"]})
-    methods = []
-    for r in rows:
-        if r["method"] not in methods:
-            methods.append(r["method"])
-    n_prompts = len({(r["chars"], r["depth"]) for r in rows})
-    sizes = sorted({r["n_prompt"] for r in rows if r.get("n_prompt")})
-    done = "" if d.get("complete", True) else " (grid interrupted: the prompts finished so far)"
-    out = [f"{d['model']}: needle word score (mean occupied KV cells per layer), {n_prompts} held-out prompts of "
-           f"{sizes[0]}-{sizes[-1]} tokens{done}; `{d['command']}`:", "",
-           "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |",
-           "|---|" + "---|" * len(budgets)]
-    for m in methods:
-        cells = []
-        for b in budgets:
-            sel = [r for r in rows if r["method"] == m and (r["budget"] == b or m == "full")]
-            if not sel:
-                cells.append("")
-                continue
-            score = sum(r["score"] for r in sel) / len(sel)
-            occ = [r.get("cells_after", r.get("n_prompt")) for r in sel if r.get("cells_after", r.get("n_prompt"))]
-            cells.append(f"{score:.2f} ({sum(occ) / len(occ):.0f})" if occ else f"{score:.2f}")
-        out.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return grid_table(d, "{model}: needle word score (mean occupied KV cells per layer), {n_prompts} held-out "
+                         "prompts of {lo}-{hi} tokens{done}; `{command}`:", with_cells=True)
 
 
 def main():

@@ -27,7 +27,4 @@ rest=$(git diff --cached --name-only upstream -- . "${listed[@]/#/:!}" | grep -v
 [ -z "$rest" ] || { echo "export-patches.sh: changed files not in any patch: $rest" >&2; exit 1; }
 
 # the tree now is the pristine source with these patches: stamp it so vendor/fetch.sh leaves it alone
-shopt -s nullglob
-patches=("$out"/*.patch)
-sha=$(sed -n 's/^sha256=//p' "$root/vendor/llama.cpp.pin")
-{ echo "$sha"; cat "${patches[@]}"; } | sha256sum | cut -c1-16 > .compresskv-patched
+"$root/vendor/fetch.sh" --stamp

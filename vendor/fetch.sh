@@ -5,6 +5,8 @@
 #   vendor/fetch.sh                 fetch (or reuse the cached sdist), unpack, patch
 #   vendor/fetch.sh --from DIR      use an existing llama.cpp checkout of the same commit instead
 #   vendor/fetch.sh --force         re-unpack even if vendor/llama.cpp is already patched
+#   vendor/fetch.sh --stamp         only mark vendor/llama.cpp as patched with the current series (after
+#                                   scripts/export-patches.sh wrote the patches from it)
 #
 # Idempotent: a tree already patched with the current series is left alone. Works offline once the
 # sdist is in the cache ($COMPRESSKV_CACHE, default ~/.cache/compresskv).
@@ -16,12 +18,13 @@ cache="${COMPRESSKV_CACHE:-$HOME/.cache/compresskv}/sdist"
 get() { sed -n "s/^$1=//p" "$pin"; }
 package=$(get package); version=$(get version); file=$(get file); sha=$(get sha256); subdir=$(get subdir)
 
-from=""; force=0
+from=""; force=0; stamp_only=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) from="$2"; shift 2 ;;
     --force) force=1; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --stamp) stamp_only=1; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "fetch.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -30,6 +33,11 @@ shopt -s nullglob
 patches=("$root"/patches/*.patch)
 series=$( { echo "$(get sha256)"; [ ${#patches[@]} -gt 0 ] && cat "${patches[@]}"; true; } | sha256sum | cut -c1-16)
 stamp="$dest/.compresskv-patched"
+if [ $stamp_only = 1 ]; then
+  [ -d "$dest" ] || { echo "fetch.sh: no $dest to stamp" >&2; exit 1; }
+  echo "$series" > "$stamp"
+  exit 0
+fi
 if [ $force = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$series" ]; then
   echo "vendor/llama.cpp is up to date (patch series $series)"
   exit 0
