@@ -5,7 +5,8 @@
                           [--speed bench/results/speed-smollm2-cpu.json] [--core bench/results/core-cpu.json]
 
 writes bench/plots/needle-heatmap.svg, bench/plots/decode-speed.svg and bench/results/summary.md (the
-tables the README quotes).
+tables the README quotes), bench/results/profiles.md from bench/results/profile-*.json and bench/results/ruler.md
+(RULER scores per task and method) from bench/results/ruler-*.json.
 """
 import argparse
 import glob
@@ -186,6 +187,45 @@ def profile_table(d):
                          "prompts of {lo}-{hi} tokens{done}; `{command}`:", with_cells=True)
 
 
+RULER_TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+               "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"]
+
+
+def ruler_table(d):
+    """RULER (bench/ruler.py): mean score per task x (method, budget) for each length, the mean over tasks (each
+    task weighted equally) and the fraction of the full cache's mean that each method keeps."""
+    out = []
+    for length in sorted({r["length"] for r in d["rows"]}):
+        rows = [r for r in d["rows"] if r["length"] == length]
+        cols = list(dict.fromkeys((r["method"], r["budget"]) for r in sorted(
+            rows, key=lambda r: (r["method"] != "full", r["budget"] or 0, list(d["methods"]).index(r["method"])))))
+        tasks = [t for t in RULER_TASKS if any(r["task"] == t for r in rows)]
+        n = {t: len({r["sample"] for r in rows if r["task"] == t}) for t in tasks}
+        sizes = sorted(r["n_prompt"] for r in rows if r.get("n_prompt"))
+        done = "" if d.get("complete", True) else " (run interrupted: the samples finished so far)"
+        share = ", context prefilled once per sample and shared by every method" if d.get("share_prefix") else ""
+        out += [f"RULER {length} ({d['model']}): score (0-1) per task, {min(n.values())}-{max(n.values())} samples per "
+                f"task, prompts of {sizes[0]}-{sizes[-1]} tokens{done}{share}; `{d['command']}`:", "",
+                "| task | " + " | ".join(m if b is None else f"{m}@{b}" for m, b in cols) + " |",
+                "|---|" + "---|" * len(cols)]
+        mean = {}
+        for t in tasks:
+            cells = []
+            for c in cols:
+                v = [r["score"] for r in rows if r["task"] == t and (r["method"], r["budget"]) == c]
+                if v:
+                    mean.setdefault(c, []).append(sum(v) / len(v))
+                cells.append(f"{sum(v) / len(v):.2f}" if v else "")
+            out.append(f"| {t} (n={n[t]}) | " + " | ".join(cells) + " |")
+        avg = {c: sum(v) / len(v) for c, v in mean.items()}
+        out.append("| **mean over tasks** | " + " | ".join(f"**{avg[c]:.3f}**" if c in avg else "" for c in cols) + " |")
+        full = avg.get(("full", None))
+        if full:
+            out.append("| kept of full | " + " | ".join(f"{avg[c] / full:.0%}" if c in avg else "" for c in cols) + " |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--needle", default=os.path.join(ROOT, "bench/results/needle-smollm2-cpu.json"))
@@ -204,6 +244,9 @@ def main():
     prof = [profile_table(json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/profile-*.json")))]
     if prof:
         write(os.path.join(ROOT, "bench/results/profiles.md"), "\n\n".join(prof))
+    ruler = [ruler_table(json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/ruler-*.json")))]
+    if ruler:
+        write(os.path.join(ROOT, "bench/results/ruler.md"), "\n\n".join(ruler))
 
 
 if __name__ == "__main__":

@@ -353,6 +353,7 @@ def gen_qa(rng, size, a, data, index):
     qas, docs = data.qa(a["dataset"])
     q = qas[index]
     gold, more = q["context"], q["more"]
+    size = max(size, len(gold))  # HotpotQA: a question's 10 paragraphs (2 gold, 8 distractors) are its minimum
     if size < len(docs):
         if size - len(gold) > len(more):
             pool = [i for i in range(len(docs)) if i not in set(gold + more)] if len(docs) < 50000 else None
