@@ -84,9 +84,14 @@ struct Run {
 }
 
 fn run(prompt: &Path, extra: &[&str], tag: &str) -> Run {
+    run_env(prompt, extra, tag, &[])
+}
+
+fn run_env(prompt: &Path, extra: &[&str], tag: &str, env: &[(&str, &str)]) -> Run {
     let stats = tmpdir().join(format!("stats-{tag}.jsonl"));
     let _ = std::fs::remove_file(&stats);
     let mut cmd = Command::new(completion_bin());
+    cmd.envs(env.iter().copied());
     cmd.args(["-m", model().to_str().unwrap(), "-f", prompt.to_str().unwrap()])
         .args([
             "-n",
@@ -245,6 +250,46 @@ fn transposed_v_without_flash_attention() {
     assert_retrieved(&r, "-fa off --compresskv-budget 256");
     let s = check_stats(&r, 256);
     assert_eq!(s["v_trans"], true);
+}
+
+/// The device path (a gather graph on the cache's own backend, used for GPU caches) moves the same bytes
+/// as the library's in-place compaction: forced onto the CPU backend, the occupied cells hash the same and
+/// the greedy answer is the same. Covers rows as f32 words (q4_0, per-head slices) and transposed V.
+#[test]
+fn graph_compaction_moves_the_same_bytes_as_the_host_path() {
+    for (tag, args) in [
+        (
+            "q4h",
+            &["-fa", "on", "-ctk", "q4_0", "-ctv", "q4_0", "--compresskv-per-head"][..],
+        ),
+        ("vt", &["-fa", "off"][..]),
+    ] {
+        let mut a = args.to_vec();
+        a.extend(["--compresskv", "--compresskv-budget", "256"]);
+        let mut by_path = Vec::new();
+        for mode in ["host", "graph"] {
+            let r = run_env(
+                prompt_35k(),
+                &a,
+                &format!("path-{tag}-{mode}"),
+                &[
+                    ("LLAMA_COMPRESSKV_COMPACT", mode),
+                    ("LLAMA_COMPRESSKV_CHECKSUM", "1"),
+                ],
+            );
+            assert!(r.ok, "{tag} {mode}: {}", r.log);
+            let s = check_stats(&r, 256).clone();
+            assert_eq!(s["compact"], mode, "{tag}: the {mode} path must have run:\n{}", r.log);
+            assert!(s["kv_checksum"].is_string(), "{tag} {mode}: no checksum in {s}");
+            by_path.push((s, r.answer));
+        }
+        assert_eq!(
+            by_path[0].0["kv_checksum"], by_path[1].0["kv_checksum"],
+            "{tag}: graph and host compaction must leave the same bytes"
+        );
+        assert_eq!(by_path[0].0["plan"]["layers"], by_path[1].0["plan"]["layers"]);
+        assert_eq!(by_path[0].1, by_path[1].1, "{tag}: same greedy answer");
+    }
 }
 
 #[test]
@@ -504,4 +549,95 @@ fn shipped_profile_is_found_by_fingerprint() {
         "4 SRHs per layer"
     );
     assert_eq!(r.stats[0]["cells_after"].as_u64().unwrap(), 256);
+}
+
+/// A minimal HTTP/1.1 exchange with llama-server on loopback: (status, body).
+fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u32, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    Ok((status, body.to_string()))
+}
+
+/// llama-server with `--compresskv`: each request's prompt is compressed after its prefill (stats line per
+/// request), the needle is still retrieved, and a repeated request recomputes its prompt (a compressed cache
+/// holds no reusable prefix) and answers the same.
+#[test]
+fn server_compresses_every_request() {
+    let bin = root().join("vendor/build/bin/llama-server");
+    assert!(bin.exists(), "{} missing: run scripts/build-llama.sh", bin.display());
+    let stats = tmpdir().join("stats-server.jsonl");
+    let _ = std::fs::remove_file(&stats);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = std::fs::File::create(tmpdir().join("server.log")).unwrap();
+    let mut server = Command::new(&bin)
+        .args(["-m", model().to_str().unwrap(), "-c", "4608", "-np", "1", "-t", "2"])
+        .args(["--no-warmup", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--compresskv", "--compresskv-budget", "256"])
+        .args(["--compresskv-stats", stats.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start llama-server");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let guard = Kill(&mut server);
+    let slog = || std::fs::read_to_string(tmpdir().join("server.log")).unwrap_or_default();
+
+    let t0 = std::time::Instant::now();
+    while !matches!(http(port, "GET", "/health", ""), Ok((200, _))) {
+        assert!(t0.elapsed().as_secs() < 120, "llama-server did not come up:\n{}", slog());
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+
+    let prompt = std::fs::read_to_string(prompt_35k()).unwrap();
+    let req = serde_json::json!({"prompt": prompt, "n_predict": 32, "temperature": 0.0, "seed": 1});
+    let mut answers = Vec::new();
+    for i in 0..2 {
+        let (status, body) = http(port, "POST", "/completion", &req.to_string()).unwrap();
+        assert_eq!(status, 200, "request {i}: {body}\n{}", slog());
+        let v: serde_json::Value = serde_json::from_str(&body).expect("completion JSON");
+        let content = v["content"].as_str().unwrap().to_string();
+        assert!(
+            content.to_lowercase().contains("sandwich"),
+            "request {i}: the answer misses the needle: {content:?}"
+        );
+        answers.push(content);
+    }
+    drop(guard);
+
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&stats)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "one compression per request:\n{}", slog());
+    for s in &lines {
+        assert!(s["n_prompt"].as_u64().unwrap() > 3000);
+        assert!(s["cells_after"].as_u64().unwrap() <= 256 + 32);
+    }
+    assert_eq!(answers[0], answers[1], "the same request must give the same answer");
 }
