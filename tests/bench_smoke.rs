@@ -1,0 +1,112 @@
+//! The evaluation harness's smoke mode, end to end: `python3 bench/ruler.py --smoke` runs three RULER tasks
+//! (niah_single_1, vt, qa_1; one ~1K-token sample each) through the patched `vendor/build/bin/llama-completion`
+//! on SmolLM2-135M-Instruct with the full cache and with compresskv at budget 128, and this test checks the
+//! JSON it writes. (bench/harness.py has no smoke mode, so the needle harness is not run here.)
+//!
+//! Needs the binary (`scripts/build-llama.sh`) and the model (`scripts/fetch-model.sh smollm2`); the RULER data
+//! comes from `scripts/fetch-data.sh ruler`. `scripts/test.sh` provides all of them before `cargo test`; when the
+//! binary or the model is missing, this test says so and skips.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model_path() -> PathBuf {
+    let cache = std::env::var("COMPRESSKV_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/compresskv"));
+    cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+#[test]
+fn ruler_smoke_writes_scored_rows() {
+    let bin = root().join("vendor/build/bin/llama-completion");
+    if !bin.exists() {
+        eprintln!("SKIP ruler_smoke_writes_scored_rows: {} is missing (run scripts/build-llama.sh)", bin.display());
+        return;
+    }
+    if !model_path().exists() {
+        eprintln!(
+            "SKIP ruler_smoke_writes_scored_rows: {} is missing (run scripts/fetch-model.sh smollm2)",
+            model_path().display()
+        );
+        return;
+    }
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("ruler-smoke.json");
+    let _ = std::fs::remove_file(&out); // a previous run's rows would be resumed, not rerun
+    let t0 = Instant::now();
+    let run = Command::new("python3")
+        .arg(root().join("bench/ruler.py"))
+        .args(["--smoke", "--bin"])
+        .arg(&bin)
+        .arg("--out")
+        .arg(&out)
+        .current_dir(root())
+        .output()
+        .expect("run python3 bench/ruler.py");
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(
+        run.status.success(),
+        "bench/ruler.py --smoke failed:\n{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    eprintln!("bench/ruler.py --smoke took {secs:.1} s");
+
+    let d: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(d["kind"], "ruler");
+    assert_eq!(d["complete"], true, "the smoke grid is not complete");
+    assert!(d["commit"].is_string() || d["commit"].is_null());
+    assert!(d["machine"]["nproc"].as_u64().unwrap() >= 1);
+    assert_eq!(d["model_sha256"].as_str().unwrap().len(), 64);
+    let rows = d["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "3 tasks x (full, compresskv@128)");
+    for task in ["niah_single_1", "vt", "qa_1"] {
+        for method in ["full", "compresskv"] {
+            assert!(
+                rows.iter().any(|r| r["task"] == task && r["method"] == method),
+                "no row for {task} / {method}"
+            );
+        }
+    }
+    for r in rows {
+        let what = format!("{} {}", r["task"], r["method"]);
+        for k in ["task", "length", "sample", "method", "budget", "score", "n_prompt", "answer"] {
+            assert!(r.get(k).is_some(), "{what}: no field {k}");
+        }
+        assert_eq!(r["ok"], true, "{what}: the run failed");
+        let score = r["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&score), "{what}: score {score}");
+        let n_prompt = r["n_prompt"].as_u64().unwrap();
+        assert!(n_prompt > 500 && n_prompt <= 1024, "{what}: n_prompt {n_prompt} for a 1K sample");
+        assert!(r["expected"].as_array().map_or(false, |e| !e.is_empty()), "{what}: no expected answers");
+        if r["method"] == "full" {
+            assert!(r["budget"].is_null());
+            // the full cache: no compression stats, or nothing removed
+            if let Some(after) = r.get("kv_bytes_after").and_then(|v| v.as_u64()) {
+                assert_eq!(Some(after), r["kv_bytes_before"].as_u64(), "{what}: the full cache shrank");
+            }
+            assert!(r.get("cells_after").map_or(true, |v| v.is_null()));
+        } else {
+            let budget = r["budget"].as_u64().unwrap();
+            assert_eq!(budget, 128);
+            assert_eq!(r["compressed"], true, "{what}: not compressed");
+            assert_eq!(r["n_prompt"].as_u64(), r["n_prompt_counted"].as_u64(), "{what}: token counts differ");
+            let cells = r["cells_after"].as_u64().unwrap();
+            // the budget is the cells kept per layer, window included; 16 cells of slack for the chat template
+            // suffix after the window
+            assert!(cells <= budget + 16, "{what}: {cells} cells after compression at budget {budget}");
+            assert!(cells < n_prompt);
+            let (before, after) = (r["kv_bytes_before"].as_u64().unwrap(), r["kv_bytes_after"].as_u64().unwrap());
+            assert!(after < before, "{what}: KV bytes {before} -> {after}");
+        }
+    }
+    let summary = &d["summary"]["1024"];
+    assert!(summary["full"]["mean"].as_f64().is_some() && summary["compresskv@128"]["mean"].as_f64().is_some());
+}
