@@ -193,7 +193,18 @@ fn full_cache_finds_the_needle() {
 fn compressed_cache_finds_the_needle_at_budget_256() {
     let r = run(prompt_35k(), &["--compresskv", "--compresskv-budget", "256"], "b256");
     assert_retrieved(&r, "--compresskv-budget 256");
-    check_stats(&r, 256);
+    let s = check_stats(&r, 256);
+    // default anchor: the window ends at the question, before the template's generation prompt
+    let w = &s["window"];
+    assert_eq!(w["anchor"], "question", "{w}");
+    assert_eq!(w["len"], 8);
+    let text = w["text"].as_str().unwrap();
+    assert!(text.ends_with('?') && !text.contains("<|im_start|>"), "{w}");
+    assert_eq!(
+        s["n_prompt"].as_i64().unwrap() - w["start"].as_i64().unwrap() - 8,
+        5,
+        "the template suffix <|im_end|>\\n<|im_start|>assistant\\n follows the window: {w}"
+    );
 }
 
 #[test]
@@ -262,7 +273,7 @@ fn graph_compaction_moves_the_same_bytes_as_the_host_path() {
             "q4h",
             &["-fa", "on", "-ctk", "q4_0", "-ctv", "q4_0", "--compresskv-per-head"][..],
         ),
-        ("vt", &["-fa", "off"][..]),
+        ("vt", &["-fa", "off", "--compresskv-window-anchor", "end"][..]),
     ] {
         let mut a = args.to_vec();
         a.extend(["--compresskv", "--compresskv-budget", "256"]);
@@ -281,6 +292,11 @@ fn graph_compaction_moves_the_same_bytes_as_the_host_path() {
             let s = check_stats(&r, 256).clone();
             assert_eq!(s["compact"], mode, "{tag}: the {mode} path must have run:\n{}", r.log);
             assert!(s["kv_checksum"].is_string(), "{tag} {mode}: no checksum in {s}");
+            if tag == "vt" {
+                // the paper's window: the last 8 prompt tokens, the template's assistant header
+                assert_eq!(s["window"]["anchor"], "end");
+                assert!(s["window"]["text"].as_str().unwrap().trim_end().ends_with("<|im_start|>assistant"), "{}", s["window"]);
+            }
             by_path.push((s, r.answer));
         }
         assert_eq!(
@@ -290,6 +306,40 @@ fn graph_compaction_moves_the_same_bytes_as_the_host_path() {
         assert_eq!(by_path[0].0["plan"]["layers"], by_path[1].0["plan"]["layers"]);
         assert_eq!(by_path[0].1, by_path[1].1, "{tag}: same greedy answer");
     }
+}
+
+/// Injected faults (LLAMA_COMPRESSKV_FAULT): a compaction the library refuses at its last layer leaves the
+/// full cache and the full-cache answer; a graph that cannot reserve its memory falls back to the host path;
+/// a backend failure after the first layer moved removes the sequence and llama-completion stops with an
+/// error instead of generating from a half-moved cache.
+#[test]
+fn injected_faults_keep_the_cache_consistent() {
+    let args = ["--compresskv", "--compresskv-budget", "256"];
+    let r = run_env(prompt_35k(), &args, "fault-compact", &[("LLAMA_COMPRESSKV_FAULT", "compact")]);
+    assert!(r.ok, "{}", r.log);
+    assert!(r.log.contains("compaction refused"), "{}", r.log);
+    assert!(r.stats.is_empty());
+    assert_eq!(r.answer, full().answer, "a refused compaction must leave the full cache");
+
+    let r = run_env(
+        prompt_35k(),
+        &args,
+        "fault-reserve",
+        &[("LLAMA_COMPRESSKV_COMPACT", "graph"), ("LLAMA_COMPRESSKV_FAULT", "graph-reserve")],
+    );
+    assert_retrieved(&r, "graph reservation failed");
+    assert_eq!(check_stats(&r, 256)["compact"], "host", "fallback to the host path");
+
+    let r = run_env(
+        prompt_35k(),
+        &args,
+        "fault-compute",
+        &[("LLAMA_COMPRESSKV_COMPACT", "graph"), ("LLAMA_COMPRESSKV_FAULT", "graph-compute")],
+    );
+    assert!(!r.ok, "llama-completion must fail");
+    assert!(r.log.contains("was removed from the cache"), "{}", r.log);
+    assert!(r.answer.trim().is_empty(), "nothing may be generated: {:?}", r.answer);
+    assert!(r.stats.is_empty());
 }
 
 #[test]
