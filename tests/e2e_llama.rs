@@ -691,3 +691,61 @@ fn server_compresses_every_request() {
     }
     assert_eq!(answers[0], answers[1], "the same request must give the same answer");
 }
+
+/// iSWA (Gemma 3 270M, a base model): the sliding-window layers keep their own small cache and the three
+/// full-attention layers are compressed; the needle is still retrieved. The exact form, whose per-layer mask
+/// iSWA attention does not apply, is refused with the full cache kept.
+#[test]
+fn gemma3_iswa_compresses_the_full_attention_layers() {
+    let gemma = script_output("scripts/fetch-model.sh", &["gemma3"]);
+    let out = Command::new("python3")
+        .arg(root().join("bench/needle.py"))
+        .args(["--essays", essays().to_str().unwrap(), "--chars", "8000", "--depth", "0.5"])
+        .args(["--template", "none"])
+        .output()
+        .expect("python3 bench/needle.py");
+    assert!(out.status.success());
+    let prompt = tmpdir().join("needle-gemma3.txt");
+    let mut text = String::from_utf8(out.stdout).unwrap();
+    text.push_str("Answer: The best thing to do in San Francisco is");
+    std::fs::write(&prompt, text).unwrap();
+
+    let gemma_run = |extra: &[&str], tag: &str| {
+        let stats = tmpdir().join(format!("stats-{tag}.jsonl"));
+        let _ = std::fs::remove_file(&stats);
+        let out = Command::new(completion_bin())
+            .args(["-m", gemma.to_str().unwrap(), "-f", prompt.to_str().unwrap()])
+            .args(["-n", "24", "--temp", "0", "--seed", "1", "-c", "4096", "-t", "2"])
+            .args(["-no-cnv", "--no-display-prompt", "--no-warmup", "--simple-io"])
+            .args(["--compresskv", "--compresskv-budget", "256", "--compresskv-window-anchor", "end"])
+            .args(["--compresskv-stats", stats.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .expect("run llama-completion");
+        let stats: Vec<serde_json::Value> = std::fs::read_to_string(&stats)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            stats,
+        )
+    };
+
+    let (ok, answer, log, stats) = gemma_run(&[], "gemma3");
+    assert!(ok, "{log}");
+    assert_eq!(stats.len(), 1, "{log}");
+    let s = &stats[0];
+    assert_eq!(s["plan"]["layers"].as_array().unwrap().len(), 3, "the 3 full-attention layers: {s}");
+    assert!(s["n_prompt"].as_u64().unwrap() > 1500);
+    assert!(s["cells_after"].as_u64().unwrap() <= 256);
+    assert!(answer.to_lowercase().contains("sandwich"), "{answer:?}");
+
+    let (ok, _, log, stats) = gemma_run(&["--compresskv-form", "exact"], "gemma3-exact");
+    assert!(ok, "{log}");
+    assert!(stats.is_empty());
+    assert!(log.contains("iSWA"), "{log}");
+}
