@@ -26,7 +26,10 @@ fn model_path() -> PathBuf {
 fn ruler_smoke_writes_scored_rows() {
     let bin = root().join("vendor/build/bin/llama-completion");
     if !bin.exists() {
-        eprintln!("SKIP ruler_smoke_writes_scored_rows: {} is missing (run scripts/build-llama.sh)", bin.display());
+        eprintln!(
+            "SKIP ruler_smoke_writes_scored_rows: {} is missing (run scripts/build-llama.sh)",
+            bin.display()
+        );
         return;
     }
     if !model_path().exists() {
@@ -77,33 +80,55 @@ fn ruler_smoke_writes_scored_rows() {
     }
     for r in rows {
         let what = format!("{} {}", r["task"], r["method"]);
-        for k in ["task", "length", "sample", "method", "budget", "score", "n_prompt", "answer"] {
+        for k in [
+            "task", "length", "sample", "method", "budget", "score", "n_prompt", "answer",
+        ] {
             assert!(r.get(k).is_some(), "{what}: no field {k}");
         }
         assert_eq!(r["ok"], true, "{what}: the run failed");
         let score = r["score"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&score), "{what}: score {score}");
         let n_prompt = r["n_prompt"].as_u64().unwrap();
-        assert!(n_prompt > 500 && n_prompt <= 1024, "{what}: n_prompt {n_prompt} for a 1K sample");
-        assert!(r["expected"].as_array().map_or(false, |e| !e.is_empty()), "{what}: no expected answers");
+        assert!(
+            n_prompt > 500 && n_prompt <= 1024,
+            "{what}: n_prompt {n_prompt} for a 1K sample"
+        );
+        assert!(
+            r["expected"].as_array().map_or(false, |e| !e.is_empty()),
+            "{what}: no expected answers"
+        );
         if r["method"] == "full" {
             assert!(r["budget"].is_null());
             // the full cache: no compression stats, or nothing removed
             if let Some(after) = r.get("kv_bytes_after").and_then(|v| v.as_u64()) {
-                assert_eq!(Some(after), r["kv_bytes_before"].as_u64(), "{what}: the full cache shrank");
+                assert_eq!(
+                    Some(after),
+                    r["kv_bytes_before"].as_u64(),
+                    "{what}: the full cache shrank"
+                );
             }
             assert!(r.get("cells_after").map_or(true, |v| v.is_null()));
         } else {
             let budget = r["budget"].as_u64().unwrap();
             assert_eq!(budget, 128);
             assert_eq!(r["compressed"], true, "{what}: not compressed");
-            assert_eq!(r["n_prompt"].as_u64(), r["n_prompt_counted"].as_u64(), "{what}: token counts differ");
+            assert_eq!(
+                r["n_prompt"].as_u64(),
+                r["n_prompt_counted"].as_u64(),
+                "{what}: token counts differ"
+            );
             let cells = r["cells_after"].as_u64().unwrap();
             // the budget is the cells kept per layer, window included; 16 cells of slack for the chat template
             // suffix after the window
-            assert!(cells <= budget + 16, "{what}: {cells} cells after compression at budget {budget}");
+            assert!(
+                cells <= budget + 16,
+                "{what}: {cells} cells after compression at budget {budget}"
+            );
             assert!(cells < n_prompt);
-            let (before, after) = (r["kv_bytes_before"].as_u64().unwrap(), r["kv_bytes_after"].as_u64().unwrap());
+            let (before, after) = (
+                r["kv_bytes_before"].as_u64().unwrap(),
+                r["kv_bytes_after"].as_u64().unwrap(),
+            );
             assert!(after < before, "{what}: KV bytes {before} -> {after}");
         }
     }

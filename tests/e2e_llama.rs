@@ -283,10 +283,7 @@ fn graph_compaction_moves_the_same_bytes_as_the_host_path() {
                 prompt_35k(),
                 &a,
                 &format!("path-{tag}-{mode}"),
-                &[
-                    ("LLAMA_COMPRESSKV_COMPACT", mode),
-                    ("LLAMA_COMPRESSKV_CHECKSUM", "1"),
-                ],
+                &[("LLAMA_COMPRESSKV_COMPACT", mode), ("LLAMA_COMPRESSKV_CHECKSUM", "1")],
             );
             assert!(r.ok, "{tag} {mode}: {}", r.log);
             let s = check_stats(&r, 256).clone();
@@ -295,7 +292,15 @@ fn graph_compaction_moves_the_same_bytes_as_the_host_path() {
             if tag == "vt" {
                 // the paper's window: the last 8 prompt tokens, the template's assistant header
                 assert_eq!(s["window"]["anchor"], "end");
-                assert!(s["window"]["text"].as_str().unwrap().trim_end().ends_with("<|im_start|>assistant"), "{}", s["window"]);
+                assert!(
+                    s["window"]["text"]
+                        .as_str()
+                        .unwrap()
+                        .trim_end()
+                        .ends_with("<|im_start|>assistant"),
+                    "{}",
+                    s["window"]
+                );
             }
             by_path.push((s, r.answer));
         }
@@ -315,17 +320,29 @@ fn graph_compaction_moves_the_same_bytes_as_the_host_path() {
 #[test]
 fn injected_faults_keep_the_cache_consistent() {
     let args = ["--compresskv", "--compresskv-budget", "256"];
-    let r = run_env(prompt_35k(), &args, "fault-compact", &[("LLAMA_COMPRESSKV_FAULT", "compact")]);
+    let r = run_env(
+        prompt_35k(),
+        &args,
+        "fault-compact",
+        &[("LLAMA_COMPRESSKV_FAULT", "compact")],
+    );
     assert!(r.ok, "{}", r.log);
     assert!(r.log.contains("compaction refused"), "{}", r.log);
     assert!(r.stats.is_empty());
-    assert_eq!(r.answer, full().answer, "a refused compaction must leave the full cache");
+    assert_eq!(
+        r.answer,
+        full().answer,
+        "a refused compaction must leave the full cache"
+    );
 
     let r = run_env(
         prompt_35k(),
         &args,
         "fault-reserve",
-        &[("LLAMA_COMPRESSKV_COMPACT", "graph"), ("LLAMA_COMPRESSKV_FAULT", "graph-reserve")],
+        &[
+            ("LLAMA_COMPRESSKV_COMPACT", "graph"),
+            ("LLAMA_COMPRESSKV_FAULT", "graph-reserve"),
+        ],
     );
     assert_retrieved(&r, "graph reservation failed");
     assert_eq!(check_stats(&r, 256)["compact"], "host", "fallback to the host path");
@@ -334,7 +351,10 @@ fn injected_faults_keep_the_cache_consistent() {
         prompt_35k(),
         &args,
         "fault-compute",
-        &[("LLAMA_COMPRESSKV_COMPACT", "graph"), ("LLAMA_COMPRESSKV_FAULT", "graph-compute")],
+        &[
+            ("LLAMA_COMPRESSKV_COMPACT", "graph"),
+            ("LLAMA_COMPRESSKV_FAULT", "graph-compute"),
+        ],
     );
     assert!(!r.ok, "llama-completion must fail");
     assert!(r.log.contains("was removed from the cache"), "{}", r.log);
@@ -614,11 +634,7 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u32
     )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
     Ok((status, body.to_string()))
 }
@@ -659,7 +675,11 @@ fn server_compresses_every_request() {
 
     let t0 = std::time::Instant::now();
     while !matches!(http(port, "GET", "/health", ""), Ok((200, _))) {
-        assert!(t0.elapsed().as_secs() < 120, "llama-server did not come up:\n{}", slog());
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "llama-server did not come up:\n{}",
+            slog()
+        );
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
 
@@ -700,7 +720,14 @@ fn gemma3_iswa_compresses_the_full_attention_layers() {
     let gemma = script_output("scripts/fetch-model.sh", &["gemma3"]);
     let out = Command::new("python3")
         .arg(root().join("bench/needle.py"))
-        .args(["--essays", essays().to_str().unwrap(), "--chars", "8000", "--depth", "0.5"])
+        .args([
+            "--essays",
+            essays().to_str().unwrap(),
+            "--chars",
+            "8000",
+            "--depth",
+            "0.5",
+        ])
         .args(["--template", "none"])
         .output()
         .expect("python3 bench/needle.py");
@@ -717,7 +744,13 @@ fn gemma3_iswa_compresses_the_full_attention_layers() {
             .args(["-m", gemma.to_str().unwrap(), "-f", prompt.to_str().unwrap()])
             .args(["-n", "24", "--temp", "0", "--seed", "1", "-c", "4096", "-t", "2"])
             .args(["-no-cnv", "--no-display-prompt", "--no-warmup", "--simple-io"])
-            .args(["--compresskv", "--compresskv-budget", "256", "--compresskv-window-anchor", "end"])
+            .args([
+                "--compresskv",
+                "--compresskv-budget",
+                "256",
+                "--compresskv-window-anchor",
+                "end",
+            ])
             .args(["--compresskv-stats", stats.to_str().unwrap()])
             .args(extra)
             .output()
@@ -739,7 +772,11 @@ fn gemma3_iswa_compresses_the_full_attention_layers() {
     assert!(ok, "{log}");
     assert_eq!(stats.len(), 1, "{log}");
     let s = &stats[0];
-    assert_eq!(s["plan"]["layers"].as_array().unwrap().len(), 3, "the 3 full-attention layers: {s}");
+    assert_eq!(
+        s["plan"]["layers"].as_array().unwrap().len(),
+        3,
+        "the 3 full-attention layers: {s}"
+    );
     assert!(s["n_prompt"].as_u64().unwrap() > 1500);
     assert!(s["cells_after"].as_u64().unwrap() <= 256);
     assert!(answer.to_lowercase().contains("sandwich"), "{answer:?}");
