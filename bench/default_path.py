@@ -68,9 +68,8 @@ def main():
             f.write(needle.prompt(essays, chars, 0.5))
         got = {}
         for build in BUILDS:
-            cmd = [binary(build, "llama-completion"), "-m", model, "-f", prompt, "-n", "48", "--temp", "0",
-                   "--seed", "1", "-c", "4608", "-t", str(args.threads), "-no-cnv", "--no-display-prompt",
-                   "--simple-io", "--no-warmup"] + flags
+            cmd = harness.completion_cmd(binary(build, "llama-completion"), model, prompt, 48, 4608,
+                                         args.threads) + flags
             p = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
             got[build] = {"ok": p.returncode == 0, "answer": p.stdout, **harness.perf(p.stderr)}
         row = {"chars": chars, "flags": flags, "n_prompt": got["on"]["n_prompt"],
@@ -93,10 +92,8 @@ def main():
     print(f"speed on/off: prompt processing {ratio['pp']}, token generation {ratio['tg']}")
 
     out = args.out or os.path.join(ROOT, f"bench/results/default-path-{args.model}-cpu.json")
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     harness.write(out, {"kind": "default-path", "model": args.model, "model_path": os.path.basename(model),
-                        "commit": commit, "machine": harness.machine(), "threads": args.threads,
+                        "commit": harness.git_commit(), "machine": harness.machine(), "threads": args.threads,
                         "llama_bench": "-p 512 -n 64 -r 1, repeated --reps times alternately",
                         "command": " ".join(sys.argv), "outputs": outputs, "speed": speed,
                         "speed_ratio_on_over_off": ratio,

