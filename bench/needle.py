@@ -2,6 +2,8 @@
 """Needle-in-a-haystack prompts over Paul Graham essays (the standard filler).
 
     python3 bench/needle.py --essays DIR --chars 14000 --depth 0.5 [--template chatml] > prompt.txt
+    python3 bench/needle.py --essays DIR --needle "The best thing to do in Oslo is ..." \
+        --question "What is the best thing to do in Oslo?" > prompt.txt     # a needle of your own
 
 The haystack is the essays concatenated in sorted file order, cut to --chars characters at a sentence
 boundary; the needle sentence is inserted at the sentence boundary nearest to --depth (0..1) of it. The
@@ -75,6 +77,8 @@ def main():
     ap.add_argument("--chars", type=int, default=14000)
     ap.add_argument("--depth", type=float, default=0.5)
     ap.add_argument("--template", choices=sorted(TEMPLATES), default="chatml")
+    ap.add_argument("--needle", default=NEEDLE, help="the needle sentence (default: the San Francisco needle)")
+    ap.add_argument("--question", default=QUESTION, help="the question asked at the end (default: its question)")
     ap.add_argument("--score", metavar="ANSWER_FILE", help="print the word score of an answer file instead")
     a = ap.parse_args()
     if a.score:
@@ -83,7 +87,7 @@ def main():
         return
     if not 0.0 <= a.depth <= 1.0:
         sys.exit("needle.py: --depth must be in [0, 1]")
-    sys.stdout.write(prompt(a.essays, a.chars, a.depth, a.template))
+    sys.stdout.write(prompt(a.essays, a.chars, a.depth, a.template, a.needle, a.question))
 
 
 if __name__ == "__main__":
