@@ -153,26 +153,49 @@ fn weighted(p: &[f64], avg: usize, n_layer: usize, floor: usize, total: usize) -
     Ok(b)
 }
 
-/// The generic core: move `b` one token at a time to the sum `total`, keeping every value in `[lo, hi]`,
-/// adding round-robin in `add` order or removing round-robin in `remove` order. The caller guarantees
-/// `lo * n <= total <= hi * n` (so every lap moves at least one token).
+/// The generic core: move `b` to the sum `total`, keeping every value in `[lo, hi]`, one token per layer and
+/// lap, adding round-robin in `add` order or removing round-robin in `remove` order (each a permutation of
+/// the layers). The caller guarantees `lo * n <= total <= hi * n` (so every lap moves at least one token).
+///
+/// Whole laps (every layer that can still move gets one token) are taken together, as many as fit before
+/// the remainder drops below one lap or a layer reaches its bound, so the time does not grow with the
+/// budget (a profile that gives one layer everything otherwise takes `avg` laps); the last, partial lap
+/// goes one token at a time in order. The result is that of the one-token-at-a-time loop.
 fn repair(b: &mut [usize], total: usize, lo: usize, hi: usize, add: &[usize], remove: &[usize]) {
     let mut sum: usize = b.iter().sum();
     while sum < total {
+        let open = add.iter().filter(|&&l| b[l] < hi);
+        let (m, room) = (open.clone().count(), open.map(|&l| hi - b[l]).min().unwrap_or(0));
+        if m == 0 {
+            break; // unreachable: total <= hi * n
+        }
+        let laps = ((total - sum) / m).min(room);
         for &l in add {
-            if sum < total && b[l] < hi {
+            if laps > 0 && b[l] < hi {
+                b[l] += laps;
+            } else if laps == 0 && sum < total && b[l] < hi {
                 b[l] += 1;
                 sum += 1;
             }
         }
+        sum += laps * m;
     }
     while sum > total {
+        let open = remove.iter().filter(|&&l| b[l] > lo);
+        let (m, room) = (open.clone().count(), open.map(|&l| b[l] - lo).min().unwrap_or(0));
+        if m == 0 {
+            break; // unreachable: lo * n <= total
+        }
+        let laps = ((sum - total) / m).min(room);
         for &l in remove {
-            if sum > total && b[l] > lo {
+            if laps > 0 && b[l] > lo {
+                b[l] -= laps;
+            } else if laps == 0 && sum > total && b[l] > lo {
                 b[l] -= 1;
                 sum -= 1;
             }
         }
+        sum -= laps * m;
     }
 }
 
@@ -303,6 +326,75 @@ mod tests {
         // within tolerance: normalised
         let w = Allocation::Weighted(vec![0.5 + 4e-7, 0.5]);
         assert_eq!(allocate(&w, 10, 2, 0).unwrap().iter().sum::<usize>(), 20);
+    }
+
+    /// The one-token-at-a-time loop `repair` must agree with.
+    fn repair_slow(b: &mut [usize], total: usize, lo: usize, hi: usize, add: &[usize], remove: &[usize]) {
+        let mut sum: usize = b.iter().sum();
+        while sum < total {
+            for &l in add {
+                if sum < total && b[l] < hi {
+                    b[l] += 1;
+                    sum += 1;
+                }
+            }
+        }
+        while sum > total {
+            for &l in remove {
+                if sum > total && b[l] > lo {
+                    b[l] -= 1;
+                    sum -= 1;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn repair_equals_one_token_at_a_time() {
+        let mut seed = 99u64;
+        let mut next = |n: usize| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) % n as u64) as usize
+        };
+        for _ in 0..3000 {
+            let n = 1 + next(9);
+            let lo = next(5);
+            let hi = lo + next(40);
+            let b0: Vec<usize> = (0..n).map(|_| lo + next(hi - lo + 1)).collect();
+            let total = n * lo + next(n * (hi - lo) + 1);
+            let mut add: Vec<usize> = (0..n).collect();
+            let mut remove: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                add.swap(i, next(i + 1));
+                remove.swap(i, next(i + 1));
+            }
+            let (mut fast, mut slow) = (b0.clone(), b0.clone());
+            repair(&mut fast, total, lo, hi, &add, &remove);
+            repair_slow(&mut slow, total, lo, hi, &add, &remove);
+            assert_eq!(
+                fast, slow,
+                "b {b0:?} total {total} lo {lo} hi {hi} add {add:?} remove {remove:?}"
+            );
+        }
+    }
+
+    /// Found by fuzzing (fuzz/ target `budget`): a profile that gives one layer all the weight, with a large
+    /// average, took `avg` laps of one token per layer (minutes for avg near INT32_MAX, in ckv_budget_allocate,
+    /// ckv_budget_fit and ckv_plan_create).
+    #[test]
+    fn weighted_large_average_is_quick() {
+        let avg = i32::MAX as usize;
+        let mut w = vec![0.0; 8];
+        w[0] = 1.0;
+        let b = allocate(&Allocation::Weighted(w.clone()), avg, 8, 0).unwrap();
+        assert_eq!(b.iter().sum::<usize>(), avg * 8);
+        assert_eq!(b[0], 3 * avg);
+        assert!(b[1..].iter().all(|&x| x.abs_diff(5 * avg / 7) <= 1), "{b:?}");
+        let b = allocate(&Allocation::Weighted(w), avg, 8, avg / 2).unwrap();
+        assert_eq!(b.iter().sum::<usize>(), avg * 8);
+        let peaked: Vec<f64> = (0..30).map(|l| if l == 7 { 0.5 } else { 0.5 / 29.0 }).collect();
+        let a = fit_average(&Allocation::Weighted(peaked), i32::MAX as usize, 30, 32).unwrap();
+        assert!(a >= 1 && a < i32::MAX as usize);
     }
 
     #[test]
