@@ -1,0 +1,343 @@
+//! `llama_kv_compress()` through the public `llama.h` only, as a C or Rust embedder calls it: the patched
+//! llama.cpp built by `build.rs` (`--features llama`) and linked into this test, bindings by bindgen.
+//!
+//! SmolLM2-135M-Instruct (`scripts/fetch-model.sh smollm2`) on a ~3K-token needle prompt
+//! (`bench/needle.py` over the essays of `scripts/fetch-data.sh`), tokenized, decoded in batches, then:
+//! - budget 256: returns 0, the sequence still ends at position n - 1, the greedy answer retrieves the
+//!   needle's fact;
+//! - budget >= n: returns 1 and the greedy tokens are those of a context that never called it;
+//! - an invalid sequence id and a negative budget: return -1 and leave the cache as it was (same positions,
+//!   same greedy tokens as without the call).
+//!
+//! One model load is shared; each test decodes the prompt in a context of its own (four prefills of ~3K
+//! tokens in all, with the reference), and the tests take turns on the model (2 threads each). A missing
+//! model or data set is a failure with the command that provides it.
+#![cfg(feature = "llama")]
+
+// Nothing here calls the crate, but libllama.a does (the ckv_* functions): linking it also brings the
+// llama.cpp static libraries its build script declares.
+extern crate compresskv;
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+#[allow(
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    dead_code,
+    unnecessary_transmutes,
+    clippy::all
+)]
+mod sys {
+    include!(concat!(env!("OUT_DIR"), "/llama_sys.rs"));
+}
+
+const N_CTX: u32 = 4096;
+const N_BATCH: usize = 512;
+const N_GEN: usize = 24;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn script_output(script: &str, args: &[&str]) -> String {
+    let out = Command::new(root().join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// llama.cpp's log, kept for failure messages instead of flooding the test output.
+static LOG: Mutex<String> = Mutex::new(String::new());
+
+unsafe extern "C" fn log_to_buffer(_level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
+    if text.is_null() {
+        return;
+    }
+    let s = CStr::from_ptr(text).to_string_lossy();
+    let mut log = LOG.lock().unwrap_or_else(|e| e.into_inner());
+    log.push_str(&s);
+    if log.len() > 1 << 20 {
+        let cut = log.len() - (1 << 19);
+        let cut = (cut..log.len()).find(|&i| log.is_char_boundary(i)).unwrap();
+        log.drain(..cut);
+    }
+}
+
+fn log_tail() -> String {
+    let log = LOG.lock().unwrap_or_else(|e| e.into_inner());
+    let start = log.len().saturating_sub(3000);
+    let start = (start..=log.len()).find(|&i| log.is_char_boundary(i)).unwrap();
+    log[start..].to_string()
+}
+
+fn clear_log() {
+    LOG.lock().unwrap_or_else(|e| e.into_inner()).clear();
+}
+
+struct Model(*mut sys::llama_model);
+// The model is read-only after loading; llama.cpp allows contexts on it from any thread.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
+/// The shared model, and the lock the tests take turns on (one context at a time: 2 cores).
+fn model() -> (MutexGuard<'static, ()>, *mut sys::llama_model) {
+    static TURN: Mutex<()> = Mutex::new(());
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let m = MODEL.get_or_init(|| {
+        let path = script_output("scripts/fetch-model.sh", &["smollm2"]);
+        let cpath = CString::new(path.clone()).unwrap();
+        unsafe {
+            sys::llama_log_set(Some(log_to_buffer), std::ptr::null_mut());
+            sys::llama_backend_init();
+            let p = sys::llama_model_load_from_file(cpath.as_ptr(), sys::llama_model_default_params());
+            assert!(!p.is_null(), "cannot load {path}:\n{}", log_tail());
+            Model(p)
+        }
+    });
+    (turn, m.0)
+}
+
+/// The needle prompt (~3K tokens), tokenized as llama-completion -f tokenizes it.
+fn prompt_tokens(model: *mut sys::llama_model) -> &'static [sys::llama_token] {
+    static TOKENS: OnceLock<Vec<sys::llama_token>> = OnceLock::new();
+    TOKENS.get_or_init(|| {
+        let essays = script_output("scripts/fetch-data.sh", &[]);
+        let out = Command::new("python3")
+            .arg(root().join("bench/needle.py"))
+            .args(["--essays", &essays, "--chars", "12000", "--depth", "0.5"])
+            .output()
+            .expect("python3 bench/needle.py");
+        assert!(
+            out.status.success(),
+            "needle.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut text = String::from_utf8(out.stdout).unwrap();
+        // llama-completion -f drops the file's final newline (the one after the assistant header)
+        if text.ends_with('\n') {
+            text.pop();
+        }
+        let vocab = unsafe { sys::llama_model_get_vocab(model) };
+        let mut toks = vec![0; text.len() + 16];
+        // add_special: BOS if the model wants it; parse_special: the chat template's tokens
+        let n = unsafe {
+            sys::llama_tokenize(
+                vocab,
+                text.as_ptr().cast(),
+                text.len() as i32,
+                toks.as_mut_ptr(),
+                toks.len() as i32,
+                true,
+                true,
+            )
+        };
+        assert!(n > 0, "llama_tokenize returned {n}");
+        toks.truncate(n as usize);
+        assert!(
+            (2500..(N_CTX as usize - N_GEN - 64)).contains(&toks.len()),
+            "prompt of {} tokens, expected ~3K",
+            toks.len()
+        );
+        toks
+    })
+}
+
+/// A context on the shared model, freed on drop.
+struct Ctx {
+    ctx: *mut sys::llama_context,
+    model: *mut sys::llama_model,
+}
+
+impl Ctx {
+    fn new(model: *mut sys::llama_model) -> Ctx {
+        unsafe {
+            let mut p = sys::llama_context_default_params();
+            p.n_ctx = N_CTX;
+            p.n_batch = N_BATCH as u32;
+            p.n_threads = 2;
+            p.n_threads_batch = 2;
+            p.no_perf = true;
+            let ctx = sys::llama_init_from_model(model, p);
+            assert!(!ctx.is_null(), "llama_init_from_model failed:\n{}", log_tail());
+            Ctx { ctx, model }
+        }
+    }
+
+    fn mem(&self) -> sys::llama_memory_t {
+        unsafe { sys::llama_get_memory(self.ctx) }
+    }
+
+    fn pos_range(&self) -> (sys::llama_pos, sys::llama_pos) {
+        unsafe {
+            (
+                sys::llama_memory_seq_pos_min(self.mem(), 0),
+                sys::llama_memory_seq_pos_max(self.mem(), 0),
+            )
+        }
+    }
+
+    /// Decode `tokens` at positions `pos..` of sequence 0 in batches of N_BATCH, logits for the last one.
+    fn decode(&self, tokens: &[sys::llama_token], pos: usize) {
+        unsafe {
+            let mut batch = sys::llama_batch_init(N_BATCH as i32, 0, 1);
+            for (ib, chunk) in tokens.chunks(N_BATCH).enumerate() {
+                let base = ib * N_BATCH;
+                for (i, &t) in chunk.iter().enumerate() {
+                    *batch.token.add(i) = t;
+                    *batch.pos.add(i) = (pos + base + i) as sys::llama_pos;
+                    *batch.n_seq_id.add(i) = 1;
+                    **batch.seq_id.add(i) = 0;
+                    *batch.logits.add(i) = (base + i + 1 == tokens.len()) as i8;
+                }
+                batch.n_tokens = chunk.len() as i32;
+                let rc = sys::llama_decode(self.ctx, batch);
+                assert_eq!(rc, 0, "llama_decode at {}:\n{}", pos + base, log_tail());
+            }
+            sys::llama_batch_free(batch);
+        }
+    }
+
+    /// Greedy decoding of N_GEN tokens (fewer at end of generation) from the current logits, the first
+    /// new token at position `pos`.
+    fn greedy(&self, pos: usize) -> Vec<sys::llama_token> {
+        let vocab = unsafe { sys::llama_model_get_vocab(self.model) };
+        let n_vocab = unsafe { sys::llama_vocab_n_tokens(vocab) } as usize;
+        let mut out = Vec::new();
+        for i in 0..N_GEN {
+            let logits = unsafe { sys::llama_get_logits_ith(self.ctx, -1) };
+            assert!(!logits.is_null(), "no logits:\n{}", log_tail());
+            let logits = unsafe { std::slice::from_raw_parts(logits, n_vocab) };
+            let best = (0..n_vocab)
+                .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+                .unwrap() as sys::llama_token;
+            out.push(best);
+            if unsafe { sys::llama_vocab_is_eog(vocab, best) } {
+                break;
+            }
+            self.decode(&[best], pos + i);
+        }
+        out
+    }
+
+    fn text(&self, tokens: &[sys::llama_token]) -> String {
+        let vocab = unsafe { sys::llama_model_get_vocab(self.model) };
+        let mut s = Vec::new();
+        for &t in tokens {
+            let mut buf = [0u8; 256];
+            let n = unsafe { sys::llama_token_to_piece(vocab, t, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false) };
+            assert!(n >= 0, "llama_token_to_piece({t}) returned {n}");
+            s.extend_from_slice(&buf[..n as usize]);
+        }
+        String::from_utf8_lossy(&s).into_owned()
+    }
+
+    fn compress(&self, seq_id: sys::llama_seq_id, tokens: &[sys::llama_token], budget: i32) -> i32 {
+        unsafe {
+            let mut p = sys::llama_kv_compress_default_params();
+            p.budget = budget;
+            sys::llama_kv_compress(self.ctx, seq_id, tokens.as_ptr(), tokens.len() as i32, &p)
+        }
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        unsafe { sys::llama_free(self.ctx) }
+    }
+}
+
+/// The greedy tokens of a context that decoded the prompt and never called llama_kv_compress.
+fn uncompressed(model: *mut sys::llama_model) -> &'static [sys::llama_token] {
+    static REF: OnceLock<Vec<sys::llama_token>> = OnceLock::new();
+    REF.get_or_init(|| prefilled(model).greedy(prompt_tokens(model).len()))
+}
+
+/// A new context that decoded the prompt (each test its own: the state API does not keep the logits).
+fn prefilled(model: *mut sys::llama_model) -> Ctx {
+    let toks = prompt_tokens(model);
+    let ctx = Ctx::new(model);
+    ctx.decode(toks, 0);
+    assert_eq!(ctx.pos_range(), (0, toks.len() as i32 - 1));
+    ctx
+}
+
+#[test]
+fn budget_256_keeps_the_needle_and_the_true_position() {
+    let (_turn, model) = model();
+    let toks = prompt_tokens(model);
+    let n = toks.len() as i32;
+    let ctx = prefilled(model);
+    clear_log();
+    let rc = ctx.compress(0, toks, 256);
+    assert_eq!(rc, 0, "llama_kv_compress at budget 256 of {n} tokens:\n{}", log_tail());
+    // the cells moved, the positions did not: generation continues at n
+    assert_eq!(ctx.pos_range().1, n - 1, "seq_pos_max after compression");
+    let answer = ctx.text(&ctx.greedy(n as usize));
+    // the needle's fact; "sandwich" is a word the essays never use (see tests/e2e_llama.rs)
+    assert!(
+        answer.to_lowercase().contains("sandwich"),
+        "budget 256 of {n}: the answer misses the needle: {answer:?}"
+    );
+}
+
+#[test]
+fn budget_covering_the_prompt_changes_nothing() {
+    let (_turn, model) = model();
+    let toks = prompt_tokens(model);
+    let n = toks.len() as i32;
+    let reference = uncompressed(model);
+    let ctx = prefilled(model);
+    for budget in [n, n + 100] {
+        clear_log();
+        assert_eq!(
+            ctx.compress(0, toks, budget),
+            1,
+            "budget {budget} >= {n}:\n{}",
+            log_tail()
+        );
+        assert_eq!(ctx.pos_range(), (0, n - 1), "budget {budget}");
+    }
+    let got = ctx.greedy(n as usize);
+    assert_eq!(
+        got,
+        reference,
+        "budget >= n: {:?} vs uncompressed {:?}",
+        ctx.text(&got),
+        ctx.text(reference)
+    );
+}
+
+#[test]
+fn refused_calls_leave_the_cache_as_it_was() {
+    let (_turn, model) = model();
+    let toks = prompt_tokens(model);
+    let n = toks.len() as i32;
+    let reference = uncompressed(model);
+    let ctx = prefilled(model);
+    // the context has one sequence (n_seq_max 1): 99 and -1 are not sequences of it
+    for (seq_id, budget, what) in [(99, 256, "seq_id 99"), (-1, 256, "seq_id -1"), (0, -5, "budget -5")] {
+        clear_log();
+        let rc = ctx.compress(seq_id, toks, budget);
+        assert_eq!(rc, -1, "{what}: expected -1 (refused):\n{}", log_tail());
+        assert_eq!(ctx.pos_range(), (0, n - 1), "{what}: positions changed");
+    }
+    let got = ctx.greedy(n as usize);
+    assert_eq!(
+        got,
+        reference,
+        "after refused calls: {:?} vs uncompressed {:?}",
+        ctx.text(&got),
+        ctx.text(reference)
+    );
+}
