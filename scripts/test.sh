@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The test command: set up, build the library and the patched llama.cpp (CPU), run every test.
 #   unit + property tests, the C example through the header, the bindgen header check, and the
-#   end-to-end tests through the patched llama-completion on SmolLM2-135M-Instruct.
+#   end-to-end tests through the patched llama-completion on SmolLM2-135M-Instruct, and (--features llama:
+#   build.rs builds the patched libllama.a into target/) llama_kv_compress() through llama.h.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/setup.sh
 scripts/build-llama.sh --targets "llama-completion llama-cli llama-server llama-compresskv-calibrate"
-cargo test --release "$@"
+cargo test --release --features llama "$@"
