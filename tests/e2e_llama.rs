@@ -786,3 +786,118 @@ fn gemma3_iswa_compresses_the_full_attention_layers() {
     assert!(stats.is_empty());
     assert!(log.contains("iSWA"), "{log}");
 }
+
+/// Session files (`--prompt-cache`): with --compresskv the session is the compressed cache, saved before the
+/// last prompt token (removed from the cache's uncompressed tail and decoded again, as after a load). A second
+/// run with the same prompt loads it, does not compress again and gives the same answer; the file is a fraction
+/// of the full-cache session and carries its own version (upstream's is 10), so that a build without compresskv
+/// refuses it at its version check. The patched build without --compresskv loads it too: a compressed state is
+/// a valid cache, and an edit inside its compressed prompt is refused, so a prompt that differs early is decoded
+/// from scratch instead.
+#[test]
+fn compressed_session_saves_loads_and_continues() {
+    let read_header = |p: &Path| -> (u32, u32) {
+        let b = std::fs::read(p).unwrap();
+        let u = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        (u(0), u(4))
+    };
+    let session = tmpdir().join("session-compressed.bin");
+    let session_full = tmpdir().join("session-full.bin");
+    let _ = std::fs::remove_file(&session);
+    let _ = std::fs::remove_file(&session_full);
+    let s = session.to_str().unwrap();
+    let args = ["--compresskv", "--compresskv-budget", "256", "--prompt-cache", s];
+
+    let t = std::time::Instant::now();
+    let first = run(prompt_35k(), &args, "session-1");
+    let t_first = t.elapsed();
+    assert_retrieved(&first, "run 1 (saves the session)");
+    check_stats(&first, 256);
+    assert!(
+        first.log.contains("saved the compressed session before the last token"),
+        "{}",
+        first.log
+    );
+    let size = std::fs::metadata(&session).expect("session file written").len();
+
+    let t = std::time::Instant::now();
+    let second = run(prompt_35k(), &args, "session-2");
+    let t_second = t.elapsed();
+    assert!(second.ok, "{}", second.log);
+    assert!(
+        second.log.contains("loaded a session with prompt size of")
+            && second.log.contains("replayed last token from session"),
+        "the session must be loaded:\n{}",
+        second.log
+    );
+    assert!(
+        second.log.contains("is compressed") && second.log.contains("not compressing it again"),
+        "{}",
+        second.log
+    );
+    assert!(second.stats.is_empty(), "no second compression: {:?}", second.stats);
+    assert_eq!(second.answer, first.answer, "the loaded session continues the same");
+    assert_eq!(std::fs::metadata(&session).unwrap().len(), size, "not saved again");
+
+    // the same prompt without --compresskv: upstream's session file
+    let full_run = run(
+        prompt_35k(),
+        &["--prompt-cache", session_full.to_str().unwrap()],
+        "session-full",
+    );
+    assert_needle(&full_run, "full-cache session run");
+    let size_full = std::fs::metadata(&session_full).unwrap().len();
+    assert!(
+        (size as f64) < 0.25 * size_full as f64,
+        "compressed session {size} bytes, full {size_full}"
+    );
+    let (magic, version) = read_header(&session);
+    let (magic_full, version_full) = read_header(&session_full);
+    assert_eq!((magic, magic_full), (0x6767736e, 0x6767736e), "'ggsn'");
+    assert_eq!(version_full, 10, "upstream's LLAMA_SESSION_VERSION");
+    assert_ne!(version, 10, "an upstream build must refuse the compressed session");
+
+    // without --compresskv the patched build loads the compressed session and continues the same
+    let t = std::time::Instant::now();
+    let plain = run(prompt_35k(), &["--prompt-cache", s], "session-3");
+    let t_plain = t.elapsed();
+    assert!(plain.ok, "{}", plain.log);
+    assert!(
+        plain.log.contains("loaded a session") && plain.log.contains("is compressed"),
+        "{}",
+        plain.log
+    );
+    assert!(!plain.log.contains("not compressing it again"), "{}", plain.log);
+    assert_eq!(plain.answer, first.answer);
+
+    // a prompt that differs early: the compressed prefix cannot be cut there, so it is decoded from scratch
+    let text = std::fs::read_to_string(prompt_35k()).unwrap();
+    let other = tmpdir().join("needle-14000-0.5-other-system.txt");
+    std::fs::write(
+        &other,
+        text.replacen(
+            "You are a helpful assistant.",
+            "You are a helpful and concise assistant.",
+            1,
+        ),
+    )
+    .unwrap();
+    let edited = run(&other, &["--prompt-cache", s, "--prompt-cache-ro"], "session-4");
+    assert_needle(&edited, "a prompt differing from the compressed session");
+    assert!(
+        edited.log.contains("refusing seq_rm") && edited.log.contains("unable to reuse common prefix"),
+        "{}",
+        edited.log
+    );
+    assert_eq!(std::fs::metadata(&session).unwrap().len(), size, "read-only");
+
+    eprintln!(
+        "session: compressed {size} bytes (version {version:#x}), full {size_full} bytes (version {version_full}), \
+         {:.1}%; run 1 {:.1} s, run 2 (loaded) {:.1} s, run 3 (loaded, no --compresskv) {:.1} s; answer {:?}",
+        100.0 * size as f64 / size_full as f64,
+        t_first.as_secs_f64(),
+        t_second.as_secs_f64(),
+        t_plain.as_secs_f64(),
+        first.answer
+    );
+}
