@@ -6,7 +6,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 need=()
 command -v cmake >/dev/null || need+=(cmake)
 command -v ccache >/dev/null || need+=(ccache)
-ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} with apt-get"
   if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
