@@ -16,6 +16,10 @@ Then `python3 bench/plot.py` draws the SVG plots under bench/plots/ from those f
     python3 bench/harness.py needle [--model smollm2] [--chars 6000,14000] [--depths 0.1,0.3,0.5,0.7,0.9]
                                     [--budgets 128,256] [--methods ...]
     python3 bench/harness.py speed  [--model smollm2] [--tokens 1024,2048,4096,8192] [--budget 256]
+    python3 bench/harness.py bounded [--model smollm2] [--chars 26000] [--budget 512]
+             [--configs full,oneshot,question@2048,recent@2048,question@4096]
+             prompts longer than the context: the full cache (large -c) vs compressing whenever the cache
+             would overflow (NAME@C: -c C), with peak memory  ->  bench/results/bounded-<model>-cpu.json
 
 The profile comparison (SnapKV vs SnapKV + SRH vs CompressKV, same selection, same occupied cells):
 
@@ -78,6 +82,22 @@ STATS_FIELDS = ("n_prompt", "cells_before", "cells_after", "kv_bytes_before", "k
                 "ms_compact", "ms_total")
 
 
+def run_measured(cmd):
+    """Run cmd; (returncode, stdout, stderr, peak resident memory of that process in MiB)."""
+    import threading
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    out = {}
+    readers = [threading.Thread(target=lambda k, f: out.__setitem__(k, f.read()), args=(k, f))
+               for k, f in (("out", p.stdout), ("err", p.stderr))]
+    for t in readers:
+        t.start()
+    _, status, ru = os.wait4(p.pid, 0)  # this child's own rusage (ru_maxrss in KiB on Linux)
+    for t in readers:
+        t.join()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, out["out"], out["err"], ru.ru_maxrss / 1024
+
+
 def machine():
     cpu = ""
     try:
@@ -129,20 +149,25 @@ class Runner:
         if flags:
             cmd += flags + ["--compresskv-stats", stats]
         t0 = time.time()
-        p = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
-        row = {"ok": p.returncode == 0, "wall_s": round(time.time() - t0, 2), "answer": p.stdout.strip()}
-        row.update(perf(p.stderr))
+        rc, out, err, rss = run_measured(cmd)
+        row = {"ok": rc == 0, "wall_s": round(time.time() - t0, 2), "answer": out.strip(), "peak_rss_mib": round(rss, 1)}
+        row.update(perf(err))
+        kv = re.search(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells", err)
+        row["kv_alloc_mib"], row["kv_alloc_cells"] = (float(kv.group(1)), int(kv.group(2))) if kv else (None, None)
         if flags:
             st = [json.loads(l) for l in open(stats)] if os.path.exists(stats) else []
             row["compressed"] = bool(st)
+            row["n_compressions"] = len(st)
             if st:
                 s = st[0]
                 row.update({k: s[k] for k in STATS_FIELDS})
                 row["window"] = s["plan"].get("window")
                 row["method_lib"] = s["plan"].get("method")
                 row["profile"] = s.get("profile")
+                row["cells_after_max"] = max(x["cells_after"] for x in st)
+                row["final"] = {k: st[-1][k] for k in STATS_FIELDS} | {"window": st[-1].get("window")}
         if not row["ok"]:
-            row["log_tail"] = p.stderr[-2000:]
+            row["log_tail"] = err[-2000:]
         return row
 
 
@@ -206,6 +231,55 @@ def speed_cmd(args):
                 "budget": args.budget, "extra_flags": r.extra, "command": " ".join(sys.argv), "rows": rows})
 
 
+# bounded-memory prefill: configuration -> flags; "NAME@C" runs NAME with -c C, the others with --ctx-full
+BOUNDED = {
+    "full": None,
+    "oneshot": ["--compresskv"],  # the whole prompt in a large cache, compressed once after prefill
+    "question": ["--compresskv", "--compresskv-overflow-window", "question"],
+    "recent": ["--compresskv", "--compresskv-overflow-window", "recent"],
+}
+
+
+def bounded_cmd(args):
+    r = Runner(args)
+    configs = args.configs.split(",")
+    rows = []
+    out = args.out or os.path.join(ROOT, f"bench/results/bounded-{args.model}-cpu.json")
+
+    def save(complete):
+        summary = {}
+        for c in configs:
+            sel = [x for x in rows if x["config"] == c]
+            if sel:
+                summary[c] = {"mean_score": round(sum(x["score"] for x in sel) / len(sel), 4), "n": len(sel),
+                              "peak_rss_mib_max": max(x["peak_rss_mib"] for x in sel),
+                              "kv_alloc_mib": max((x["kv_alloc_mib"] or 0) for x in sel),
+                              "cells_occupied_max": max(x.get("cells_after_max") or x.get("n_prompt") or 0 for x in sel)}
+        write(out, {"kind": "bounded", "model": args.model, "model_path": os.path.basename(r.model),
+                    "machine": machine(), "threads": args.threads, "n_predict": args.n_predict, "budget": args.budget,
+                    "ctx_full": args.ctx_full, "configs": {c: BOUNDED[c.split("@")[0]] for c in configs},
+                    "extra_flags": r.extra, "commit": git_commit(), "complete": complete, "command": " ".join(sys.argv),
+                    "rows": rows, "summary": summary})
+
+    for chars in map(int, args.chars.split(",")):
+        for depth in map(float, args.depths.split(",")):
+            prompt = r.prompt(chars, depth)
+            for c in configs:
+                name, _, ctx = c.partition("@")
+                flags = BOUNDED[name]
+                flags = None if flags is None else flags + ["--compresskv-budget", str(args.budget)]
+                ctx = int(ctx) if ctx else args.ctx_full
+                row = r.run(prompt, flags, args.n_predict, ctx)
+                row.update({"chars": chars, "depth": depth, "config": c, "score": needle.score(row["answer"]), "ctx": ctx})
+                rows.append(row)
+                print(f"{chars:6d} d{depth:.1f} {c:9s} score {row['score']:.2f} prompt {row.get('n_prompt')} "
+                      f"compressions {row.get('n_compressions')} cells<= {row.get('cells_after_max')} "
+                      f"rss {row['peak_rss_mib']} MiB kv {row['kv_alloc_mib']} MiB {row['wall_s']} s "
+                      f"{row['answer'][:60]!r}", flush=True)
+            save(False)
+    save(True)
+
+
 def write(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     obj["date"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -217,7 +291,7 @@ def write(path, obj):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("needle", "speed"):
+    for name in ("needle", "speed", "bounded"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="smollm2", help="a name known to scripts/fetch-model.sh")
         p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -230,6 +304,13 @@ def main():
             p.add_argument("--methods", default="full,streamingllm,snapkv,pyramidkv,compresskv-paper,compresskv")
             p.add_argument("--n-predict", type=int, default=32)
             p.add_argument("--ctx", type=int, default=4608)
+        elif name == "bounded":
+            p.add_argument("--chars", default="26000")
+            p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+            p.add_argument("--budget", type=int, default=512)
+            p.add_argument("--ctx-full", type=int, default=8192, help="-c of a configuration without @C")
+            p.add_argument("--configs", default="full,oneshot,question@2048,recent@2048,question@4096")
+            p.add_argument("--n-predict", type=int, default=32)
         else:
             p.add_argument("--tokens", default="1024,2048,4096,8192")
             p.add_argument("--chars-per-token", type=float, default=4.4)
@@ -237,7 +318,7 @@ def main():
             p.add_argument("--methods", default="full,compresskv")
             p.add_argument("--n-predict", type=int, default=128)
     args = ap.parse_args()
-    {"needle": needle_cmd, "speed": speed_cmd}[args.cmd](args)
+    {"needle": needle_cmd, "speed": speed_cmd, "bounded": bounded_cmd}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -787,6 +787,78 @@ fn gemma3_iswa_compresses_the_full_attention_layers() {
     assert!(log.contains("iSWA"), "{log}");
 }
 
+/// Bounded memory (issue "Prompts longer than the cache"): a ~5.6K-token needle prompt in a context smaller
+/// than the prompt. Without --compresskv llama-completion refuses it; with it, the prompt is decoded in chunks
+/// and the cache compressed whenever the next chunk would overflow (to half the context), each time scored by
+/// the prompt's question decoded ahead of its place ("probe"), then to the budget by the question-anchored
+/// window after the last chunk. In 4096 cells the needle's fact survives; in 2048 cells (four passes) SmolLM2
+/// loses it at this depth, measured in bench/results/bounded-smollm2-cpu.json, so there only the memory bound
+/// and the pass structure are checked here.
+#[test]
+fn prompt_longer_than_the_context_is_prefilled_in_bounded_memory() {
+    let prompt = needle_prompt(26000, 0.5);
+    let plain = run(&prompt, &["-c", "4096"], "bounded-off");
+    assert!(
+        !plain.ok && plain.log.contains("prompt is too long"),
+        "without --compresskv the prompt must be refused:\n{}",
+        plain.log
+    );
+
+    // every pass: the cache never held more than -c cells, each left at most half of them (the last: the budget)
+    let passes = |r: &Run, ctx: u64, overflow_anchor: &str| {
+        assert!(r.ok, "{}", r.log);
+        let n = r.stats.last().expect("stats lines")["n_prompt"].as_u64().unwrap();
+        assert!(n > 5000, "prompt of {n} positions, expected ~5.6K");
+        let mut p_prev = 0;
+        for (i, s) in r.stats.iter().enumerate() {
+            let last = i + 1 == r.stats.len();
+            let after = s["cells_after"].as_u64().unwrap();
+            let cap = if last { 512 + 32 } else { ctx / 2 };
+            assert!(after <= cap, "pass {i}: {after} cells > {cap}: {s}");
+            assert!(s["cells_before"].as_u64().unwrap() <= ctx, "{s}");
+            assert_eq!(s["recompressed"], i > 0, "pass {i}: {s}");
+            let p = s["n_prompt"].as_u64().unwrap();
+            assert!(p > p_prev, "positions must grow: {p} after {p_prev}");
+            p_prev = p;
+            let w = &s["window"];
+            if last {
+                assert_eq!(w["anchor"], "question", "final pass: {s}");
+            } else {
+                assert_eq!(w["anchor"], overflow_anchor, "pass {i}: {s}");
+            }
+            if w["anchor"] != "end" {
+                let text = w["text"].as_str().unwrap();
+                assert!(text.contains("San Francisco"), "{s}");
+            }
+        }
+        r.stats.len()
+    };
+
+    let r = run(
+        &prompt,
+        &["--compresskv", "--compresskv-budget", "512", "-c", "4096"],
+        "bounded-4096",
+    );
+    assert_retrieved(&r, "bounded prefill, -c 4096");
+    assert!(passes(&r, 4096, "probe") >= 2);
+
+    // the query-agnostic alternative: the latest tokens score each overflow pass
+    let recent = run(
+        &prompt,
+        &[
+            "--compresskv",
+            "--compresskv-budget",
+            "512",
+            "-c",
+            "2048",
+            "--compresskv-overflow-window",
+            "recent",
+        ],
+        "bounded-recent",
+    );
+    assert!(passes(&recent, 2048, "end") >= 4);
+}
+
 /// Session files (`--prompt-cache`): with --compresskv the session is the compressed cache, saved before the
 /// last prompt token (removed from the cache's uncompressed tail and decoded again, as after a load). A second
 /// run with the same prompt loads it, does not compress again and gives the same answer; the file is a fraction
