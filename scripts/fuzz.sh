@@ -71,7 +71,8 @@ d["c_example_asan"] = {
     "what": "examples/c/ckv_example.c with -fsanitize=address,undefined, libcompresskv.a with -Zsanitizer=address",
     "compiler": subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
     "exit_status": rc, "summary": summary, "sanitizer_reports": reports,
-    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+    "commit": os.environ.get("FUZZ_COMMIT")
+    or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     "date": __import__("datetime").date.today().isoformat(),
 }
 json.dump(d, open(path, "w"), indent=1)
@@ -103,15 +104,44 @@ fi
 
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 fuzz() { nice -n "$nice_n" cargo fuzz "$@"; }
+# profile_parse's seeds: the shipped profiles (the last byte of an input picks the model description)
+seed() {
+  if [ "$1" = profile_parse ]; then
+    for p in profiles/*.json; do cp -n "$p" "fuzz/corpus/$1/seed-$(basename "$p")"; done
+  fi
+}
 
-echo "== building the fuzz targets (sanitizer: $san)"
+# the commit the targets are built from (others may commit while they run); -dirty: src/, fuzz/ or include/
+# differ from it (untracked corpus files aside)
+commit=$(git rev-parse --short HEAD)
+if [ -n "$(git status --porcelain --untracked-files=no -- src fuzz include)" ]; then commit="$commit-dirty"; fi
+export FUZZ_COMMIT=$commit
+echo "== building the fuzz targets (sanitizer: $san, commit $commit)"
 fuzz build -O -a -s "$san"
 
 if [ "$mode" = cmin ]; then
   for t in $targets; do
     echo "== cmin $t: $(ls fuzz/corpus/$t | wc -l) files before"
     fuzz cmin -O -a -s "$san" "$t" "fuzz/corpus/$t" -- -rss_limit_mb=4096 >"target/fuzz-cmin-$t.log" 2>&1
-    echo "   $(ls fuzz/corpus/$t | wc -l) files, $(du -sb fuzz/corpus/$t | cut -f1) bytes"
+    if [ "$t" = profile_parse ]; then
+      # mutated copies of the shipped profiles (14-18 KB each) would be most of the committed corpus: keep
+      # the small inputs and the seeds, from which the fuzzer finds the large ones again within seconds
+      find "fuzz/corpus/$t" -type f -size +4k ! -name 'seed-*' -delete
+      seed "$t"
+    fi
+    files=$(ls "fuzz/corpus/$t" | wc -l) bytes=$(du -sb "fuzz/corpus/$t" | cut -f1)
+    echo "   $files files, $bytes bytes"
+    # the committed corpus is the minimized one: record its size next to the run's
+    python3 - "$out_json" "$t" "$files" "$bytes" <<'EOF'
+import json, os, sys
+path, t, files, nbytes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+d = json.load(open(path)) if os.path.exists(path) else {}
+e = d.get("targets", {}).get(t)
+if e is not None:
+    e["corpus_files_after_cmin"], e["corpus_bytes_after_cmin"] = files, nbytes
+    json.dump(d, open(path, "w"), indent=1)
+    open(path, "a").write("\n")
+EOF
   done
   exit 0
 fi
@@ -124,10 +154,7 @@ failed=0
 results=$(mktemp)
 for t in $targets; do
   mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
-  # seeds: the shipped profiles (the last byte of an input picks the model description)
-  if [ "$t" = profile_parse ] && [ -z "$(ls -A fuzz/corpus/$t)" ]; then
-    for p in profiles/*.json; do cp "$p" "fuzz/corpus/$t/seed-$(basename "$p")"; done
-  fi
+  seed "$t"
   marker=$(mktemp)
   log=target/fuzz-$t.log
   echo "== $t for ${secs}s ($(ls fuzz/corpus/$t | wc -l) corpus files)"
@@ -154,9 +181,7 @@ import json, os, sys, subprocess, platform, datetime
 path, results, san, secs = sys.argv[1:5]
 d = json.load(open(path)) if os.path.exists(path) else {}
 run = lambda *a: subprocess.run(a, capture_output=True, text=True).stdout.strip()
-commit = run("git", "rev-parse", "--short", "HEAD")
-if run("git", "status", "--porcelain", "--", "src", "fuzz", "include"):
-    commit += "-dirty"
+commit = os.environ["FUZZ_COMMIT"]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 mem = next((int(l.split()[1]) // 1024 // 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
 machine = f"{cpu}, {os.cpu_count()} cores, {mem} GiB, {platform.system()} {platform.machine()}"
