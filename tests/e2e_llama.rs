@@ -26,8 +26,16 @@ fn script_output(script: &str, args: &[&str]) -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// The directory of the patched tools: vendor/build/bin, or $COMPRESSKV_LLAMA_BIN (for example the
+/// AddressSanitizer build of `scripts/fuzz.sh --asan-llama`, vendor/build-asan/bin).
+fn bin_dir() -> PathBuf {
+    std::env::var_os("COMPRESSKV_LLAMA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("vendor/build/bin"))
+}
+
 fn completion_bin() -> PathBuf {
-    let bin = root().join("vendor/build/bin/llama-completion");
+    let bin = bin_dir().join("llama-completion");
     assert!(
         bin.exists(),
         "{} is missing: run scripts/build-llama.sh (scripts/test.sh does)",
@@ -181,6 +189,13 @@ fn check_stats(r: &Run, budget: u64) -> &serde_json::Value {
         30,
         "SmolLM2 has 30 layers"
     );
+    // the summary fields the integration issue names, next to the plan's own record
+    assert_eq!(s["method"], s["plan"]["method"]);
+    assert_eq!(s["budget"].as_u64().unwrap(), budget);
+    let layers = s["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 30);
+    assert!(layers.iter().all(|l| l["kept"].as_u64().unwrap() <= after));
+    assert!(s["ms_score"].as_f64().unwrap() > 0.0 && s["ms_compact"].as_f64().is_some());
     s
 }
 
@@ -473,7 +488,7 @@ fn compacted_equals_masked_exact_form_with_pyramid_budgets() {
 }
 
 fn calibrate_bin() -> PathBuf {
-    let bin = root().join("vendor/build/bin/llama-compresskv-calibrate");
+    let bin = bin_dir().join("llama-compresskv-calibrate");
     assert!(
         bin.exists(),
         "{} is missing: run scripts/build-llama.sh --targets llama-compresskv-calibrate (scripts/test.sh does)",
@@ -644,7 +659,7 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u32
 /// holds no reusable prefix) and answers the same.
 #[test]
 fn server_compresses_every_request() {
-    let bin = root().join("vendor/build/bin/llama-server");
+    let bin = bin_dir().join("llama-server");
     assert!(bin.exists(), "{} missing: run scripts/build-llama.sh", bin.display());
     let stats = tmpdir().join("stats-server.jsonl");
     let _ = std::fs::remove_file(&stats);
