@@ -226,6 +226,28 @@ def ruler_table(d):
     return "\n".join(out).rstrip()
 
 
+def bounded_table(d):
+    """Prompts longer than the context: score per depth and configuration, memory, passes."""
+    configs = list(d["configs"])
+    depths = sorted({r["depth"] for r in d["rows"]})
+    by = {(r["config"], r["depth"]): r for r in d["rows"]}
+    out = [f"{d['model']}: needle word score, {d['rows'][0]['chars']}-character prompts "
+           f"({d['rows'][0].get('final', {}).get('n_prompt') or d['rows'][0].get('n_prompt')} tokens), budget {d['budget']} cells after the "
+           f"prompt; `{d['command']}`" + ("" if d.get("complete") else " (incomplete grid)"), "",
+           "| configuration | -c | " + " | ".join(f"depth {x:g}" for x in depths) + " | mean | passes | cells held at most | peak RSS |",
+           "|---|---|" + "---|" * len(depths) + "---|---|---|---|"]
+    for c in configs:
+        rows = [by[(c, x)] for x in depths if (c, x) in by]
+        if not rows:
+            continue
+        held = max(r.get("cells_before") or r.get("n_prompt") or 0 for r in rows)  # before the first pass: the most
+        cells = [by[(c, x)]["score"] if (c, x) in by else None for x in depths]
+        out.append(f"| {c.split('@')[0]} | {rows[0]['ctx']} | " + " | ".join("" if v is None else f"{v:.2f}" for v in cells)
+                   + f" | {sum(r['score'] for r in rows) / len(rows):.2f} | {max(r.get('n_compressions') or 0 for r in rows)}"
+                   + f" | {held} | {max(r['peak_rss_mib'] for r in rows):.0f} MiB |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--needle", default=os.path.join(ROOT, "bench/results/needle-smollm2-cpu.json"))
@@ -247,6 +269,9 @@ def main():
     ruler = [ruler_table(json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/ruler-*.json")))]
     if ruler:
         write(os.path.join(ROOT, "bench/results/ruler.md"), "\n\n".join(ruler))
+    bounded = [bounded_table(json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/bounded-*.json")))]
+    if bounded:
+        write(os.path.join(ROOT, "bench/results/bounded.md"), "\n\n".join(bounded))
 
 
 if __name__ == "__main__":
