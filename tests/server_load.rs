@@ -23,7 +23,7 @@
 //! `scripts/setup.sh`, like `tests/e2e_llama.rs`; a missing piece is a failure with the command that
 //! provides it. Everything goes to 127.0.0.1 on a port picked free; the server is killed when the test ends,
 //! panics included. It runs alone in its own test binary: 116 prefills of ~920 tokens, ~4 s each on 2 idle
-//! cores (~8 minutes), 24 minutes measured on 2 cores shared with other jobs (load average 7-8).
+//! cores (~8 minutes), 19-24 minutes measured on 2 cores shared with other jobs (load average 7-9).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
