@@ -9,30 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn script_output(script: &str, args: &[&str]) -> PathBuf {
-    let out = Command::new(root().join(script))
-        .args(args)
-        .output()
-        .expect("run fetch script");
-    assert!(
-        out.status.success(),
-        "{script} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-/// The directory of the patched tools: vendor/build/bin, or $COMPRESSKV_LLAMA_BIN (for example the
-/// AddressSanitizer build of `scripts/fuzz.sh --asan-llama`, vendor/build-asan/bin).
-fn bin_dir() -> PathBuf {
-    std::env::var_os("COMPRESSKV_LLAMA_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("vendor/build/bin"))
-}
+mod common;
+use common::{bin_dir, root, script_output, tmpdir};
 
 fn completion_bin() -> PathBuf {
     let bin = bin_dir().join("llama-completion");
@@ -52,12 +30,6 @@ fn model() -> &'static Path {
 fn essays() -> &'static Path {
     static E: OnceLock<PathBuf> = OnceLock::new();
     E.get_or_init(|| script_output("scripts/fetch-data.sh", &[]))
-}
-
-fn tmpdir() -> PathBuf {
-    let d = root().join("target/e2e");
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// A ~3.5K-token needle prompt (needle at `depth`), written once per depth.

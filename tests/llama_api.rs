@@ -18,8 +18,10 @@
 // llama.cpp static libraries its build script declares.
 extern crate compresskv;
 
+mod common;
+use common::{root, script_output};
+
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -38,23 +40,6 @@ mod sys {
 const N_CTX: u32 = 4096;
 const N_BATCH: usize = 512;
 const N_GEN: usize = 24;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn script_output(script: &str, args: &[&str]) -> String {
-    let out = Command::new(root().join(script))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {script}: {e}"));
-    assert!(
-        out.status.success(),
-        "{script} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 /// llama.cpp's log, kept for failure messages instead of flooding the test output.
 static LOG: Mutex<String> = Mutex::new(String::new());
@@ -95,7 +80,9 @@ fn model() -> (MutexGuard<'static, ()>, *mut sys::llama_model) {
     static MODEL: OnceLock<Model> = OnceLock::new();
     let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let m = MODEL.get_or_init(|| {
-        let path = script_output("scripts/fetch-model.sh", &["smollm2"]);
+        let path = script_output("scripts/fetch-model.sh", &["smollm2"])
+            .to_string_lossy()
+            .into_owned();
         let cpath = CString::new(path.clone()).unwrap();
         unsafe {
             sys::llama_log_set(Some(log_to_buffer), std::ptr::null_mut());
@@ -112,7 +99,9 @@ fn model() -> (MutexGuard<'static, ()>, *mut sys::llama_model) {
 fn prompt_tokens(model: *mut sys::llama_model) -> &'static [sys::llama_token] {
     static TOKENS: OnceLock<Vec<sys::llama_token>> = OnceLock::new();
     TOKENS.get_or_init(|| {
-        let essays = script_output("scripts/fetch-data.sh", &[]);
+        let essays = script_output("scripts/fetch-data.sh", &[])
+            .to_string_lossy()
+            .into_owned();
         let out = Command::new("python3")
             .arg(root().join("bench/needle.py"))
             .args(["--essays", &essays, "--chars", "12000", "--depth", "0.5"])

@@ -25,6 +25,9 @@
 //! panics included. It runs alone in its own test binary: 116 prefills of ~920 tokens, ~4 s each on 2 idle
 //! cores (~8 minutes), 19-24 minutes measured on 2 cores shared with other jobs (load average 7-9).
 
+mod common;
+use common::{bin_dir, root, script_output, tmpdir};
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -67,29 +70,6 @@ const NEEDLES: [(&str, &str, [&str; 2], f64); 8] = [
     ("Seoul", "light a paper lantern and play the violin", ["lantern", "violin"], 0.8),
     ("Cairo", "paint a cactus and eat a dumpling", ["cactus", "dumpling"], 0.5),
 ];
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn script_output(script: &str, args: &[&str]) -> PathBuf {
-    let out = Command::new(root().join(script))
-        .args(args)
-        .output()
-        .expect("run fetch script");
-    assert!(
-        out.status.success(),
-        "{script} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-fn tmpdir() -> PathBuf {
-    let d = root().join("target/e2e");
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn needle_prompt(essays: &Path, (place, what, _, depth): (&str, &str, [&str; 2], f64)) -> String {
     let out = Command::new("python3")
@@ -159,11 +139,7 @@ impl Drop for Server {
 }
 
 fn start_server(stats: &Path) -> Server {
-    // like tests/e2e_llama.rs: vendor/build/bin, or $COMPRESSKV_LLAMA_BIN (an ASan build, for example)
-    let bin = std::env::var_os("COMPRESSKV_LLAMA_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("vendor/build/bin"))
-        .join("llama-server");
+    let bin = bin_dir().join("llama-server");
     assert!(
         bin.exists(),
         "{} is missing: run scripts/build-llama.sh (scripts/test.sh does)",
