@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 mod common;
-use common::{bin_dir, root, script_output, tmpdir};
+use common::{bin_dir, root, script_output, smollm2_f32, tmpdir};
 
 fn completion_bin() -> PathBuf {
     let bin = bin_dir().join("llama-completion");
@@ -68,11 +68,15 @@ fn run(prompt: &Path, extra: &[&str], tag: &str) -> Run {
 }
 
 fn run_env(prompt: &Path, extra: &[&str], tag: &str, env: &[(&str, &str)]) -> Run {
+    run_model(model(), prompt, extra, tag, env)
+}
+
+fn run_model(model: &Path, prompt: &Path, extra: &[&str], tag: &str, env: &[(&str, &str)]) -> Run {
     let stats = tmpdir().join(format!("stats-{tag}.jsonl"));
     let _ = std::fs::remove_file(&stats);
     let mut cmd = Command::new(completion_bin());
     cmd.envs(env.iter().copied());
-    cmd.args(["-m", model().to_str().unwrap(), "-f", prompt.to_str().unwrap()])
+    cmd.args(["-m", model.to_str().unwrap(), "-f", prompt.to_str().unwrap()])
         .args([
             "-n",
             "32",
@@ -407,9 +411,11 @@ fn bad_runtime_input_falls_back_to_the_full_cache() {
 
 /// The strongest check of compaction (DESIGN §1.5): greedy output through the compacted cache equals the
 /// full cache with each layer's evicted cells masked out in place (`--compresskv-form mask`: same plan,
-/// nothing moves, true positions). f32 caches and flash attention off make the two attention sums
-/// identical up to f32 rounding; with CPU flash attention the blocked online softmax rounds differently
-/// for the two layouts and greedy ties can flip.
+/// nothing moves, true positions). f32 weights (common::smollm2_f32), f32 caches and flash attention off make
+/// the two attention sums identical up to f32 rounding. With the Q4_1 weights the q8 activations turn that
+/// rounding into logit moves of ~0.4 and the fill form's 9th token flips at a near-tie ("is eat" vs "is to
+/// eat"); with CPU flash attention the blocked online softmax rounds differently for the two layouts.
+/// tests/llama_api.rs compares the logits themselves.
 fn masked_equivalence(method: &str, form: &str) {
     let base = [
         "-fa",
@@ -429,8 +435,9 @@ fn masked_equivalence(method: &str, form: &str) {
     let mut masked = base.to_vec();
     masked.extend(budget);
     masked.extend(["--compresskv-form", "mask"]);
-    let c = run(prompt_35k(), &compacted, &format!("eq-{method}-{form}"));
-    let m = run(prompt_35k(), &masked, &format!("eq-{method}-mask"));
+    let f32 = smollm2_f32();
+    let c = run_model(&f32, prompt_35k(), &compacted, &format!("eq-{method}-{form}"), &[]);
+    let m = run_model(&f32, prompt_35k(), &masked, &format!("eq-{method}-mask"), &[]);
     assert!(c.ok && m.ok, "{}\n{}", c.log, m.log);
     assert_eq!(c.stats.len(), 1);
     assert_eq!(m.stats.len(), 1);
@@ -449,11 +456,7 @@ fn masked_equivalence(method: &str, form: &str) {
     );
 }
 
-// Diverges since 2026-12-01 at the 9th generated token ("is eat" compacted vs "is to eat" masked, -t 1 and
-// -t 2 alike), with identical kept sets in both runs (LLAMA_COMPRESSKV_DUMP_KEPT); the exact-form variant
-// below still passes. Cause not found yet: ignored until it is, not loosened.
 #[test]
-#[ignore = "fill-form compacted vs masked greedy output diverges at a near-tie; under investigation"]
 fn compacted_equals_masked_fill_form() {
     masked_equivalence("snapkv", "fill");
 }

@@ -37,3 +37,43 @@ pub fn bin_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("vendor/build/bin"))
 }
+
+/// SmolLM2-135M-Instruct with f32 weights: the Q4_1 file of `scripts/fetch-model.sh smollm2` dequantized by
+/// the patched `llama-quantize --allow-requantize ... F32` into tmpdir() (540 MB, written once).
+///
+/// The equivalence tests of compaction need it: with quantized weights the CPU quantizes every matmul's
+/// activations to q8 first, so a last-bit difference in an attention sum (the same terms added in another
+/// order, because the kept cells sit at other indices) can flip a q8 rounding and move logits by ~0.4, which
+/// decides greedy near-ties. With f32 weights the activations stay f32 and such differences stay at f32
+/// rounding.
+pub fn smollm2_f32() -> PathBuf {
+    // tests of one binary run in parallel threads: one writes the file, the others wait for it
+    static WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _write = WRITE.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tmpdir().join("SmolLM2-135M-Instruct.F32.gguf");
+    if out.exists() {
+        return out;
+    }
+    let q4 = script_output("scripts/fetch-model.sh", &["smollm2"]);
+    let tool = bin_dir().join("llama-quantize");
+    assert!(
+        tool.exists(),
+        "{} is missing: run scripts/build-llama.sh --targets llama-quantize (scripts/test.sh does)",
+        tool.display()
+    );
+    let part = out.with_extension("gguf.part");
+    let r = Command::new(&tool)
+        .arg("--allow-requantize")
+        .arg(&q4)
+        .arg(&part)
+        .arg("F32")
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", tool.display()));
+    assert!(
+        r.status.success(),
+        "llama-quantize F32 failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    std::fs::rename(&part, &out).unwrap();
+    out
+}
