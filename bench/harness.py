@@ -245,6 +245,15 @@ def bounded_cmd(args):
     configs = args.configs.split(",")
     rows = []
     out = args.out or os.path.join(ROOT, f"bench/results/bounded-{args.model}-cpu.json")
+    # resumable: rows of an earlier run with the same model, budget and full-cache context are kept
+    if os.path.exists(out):
+        prev = json.load(open(out))
+        if (prev.get("kind"), prev.get("model"), prev.get("budget"), prev.get("ctx_full"), prev.get("n_predict")) == \
+                ("bounded", args.model, args.budget, args.ctx_full, args.n_predict):
+            rows = [dict(x, commit=x.get("commit", prev.get("commit"))) for x in prev["rows"]
+                    if x.get("ok") and x["config"] in configs]
+            print(f"resuming: {len(rows)} rows in {out}", flush=True)
+    done = {(x["chars"], x["depth"], x["config"]) for x in rows}
 
     def save(complete):
         summary = {}
@@ -265,12 +274,15 @@ def bounded_cmd(args):
         for depth in map(float, args.depths.split(",")):
             prompt = r.prompt(chars, depth)
             for c in configs:
+                if (chars, depth, c) in done:
+                    continue
                 name, _, ctx = c.partition("@")
                 flags = BOUNDED[name]
                 flags = None if flags is None else flags + ["--compresskv-budget", str(args.budget)]
                 ctx = int(ctx) if ctx else args.ctx_full
                 row = r.run(prompt, flags, args.n_predict, ctx)
-                row.update({"chars": chars, "depth": depth, "config": c, "score": needle.score(row["answer"]), "ctx": ctx})
+                row.update({"chars": chars, "depth": depth, "config": c, "score": needle.score(row["answer"]), "ctx": ctx,
+                            "commit": git_commit()})
                 rows.append(row)
                 print(f"{chars:6d} d{depth:.1f} {c:9s} score {row['score']:.2f} prompt {row.get('n_prompt')} "
                       f"compressions {row.get('n_compressions')} cells<= {row.get('cells_after_max')} "

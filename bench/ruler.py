@@ -38,6 +38,8 @@ a prefix decoded in a separate run can differ from a one-shot prefill in the las
 `share_prefix` is recorded in the JSON.
 
     python3 bench/ruler.py --smoke --out target/bench/ruler-smoke.json        # 3 tasks, ~1K tokens, < 2 min
+    python3 bench/ruler.py --model smollm2 --lengths 4096 --bounded-ctx 2048 --methods full,compresskv \\
+        --budgets 512 --out bench/results/ruler-bounded-smollm2-cpu.json      # bounded-memory prefill
     python3 bench/ruler.py --model smollm2 --lengths 4096 --samples 3 \\
         --methods full,streamingllm,snapkv,pyramidkv,compresskv --budgets 128,512 \\
         --out bench/results/ruler-smollm2-cpu.json                              # resumable: done rows are kept
@@ -546,8 +548,10 @@ class Llama:
         if flags:
             cmd += flags + ["--compresskv-stats", stats]
         t0 = time.time()
-        p = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
-        row = {"ok": p.returncode == 0, "wall_s": round(time.time() - t0, 2), "answer": p.stdout.strip()}
+        rc, stdout, stderr, rss = harness.run_measured(cmd)
+        p = subprocess.CompletedProcess(cmd, rc, stdout, stderr)
+        row = {"ok": p.returncode == 0, "wall_s": round(time.time() - t0, 2), "answer": p.stdout.strip(),
+               "peak_rss_mib": round(rss, 1)}
         pf = harness.perf(p.stderr)
         row.update({"decode_tps": pf["decode_tps"], "n_decoded": pf["n_decoded"], "prompt_tps": pf["prompt_tps"],
                     "n_prefilled": pf["n_prompt"]})
@@ -558,7 +562,10 @@ class Llama:
             st = [json.loads(l) for l in open(stats)] if os.path.exists(stats) else []
             row["compressed"] = bool(st)
             if st:
-                s = st[0]
+                # bounded-memory prefill compresses several times: the last is the final pass to the budget
+                row["n_compressions"] = len(st)
+                row["cells_after_max"] = max(x["cells_after"] for x in st)
+                s = st[-1]
                 row.update({k: s.get(k) for k in harness.STATS_FIELDS + ("fingerprint",)})
                 row["profile"] = os.path.basename(s["profile"]) if s.get("profile") else None
         if not row["ok"]:
@@ -631,8 +638,16 @@ def main():
     ap.add_argument("--share-prefix", dest="share", action="store_true", default=None,
                     help="prefill each context once and share it through --prompt-cache (default, not in --smoke)")
     ap.add_argument("--no-share-prefix", dest="share", action="store_false")
+    ap.add_argument("--bounded-ctx", type=int, default=0, metavar="N",
+                    help="bounded-memory prefill: the compressed methods run with -c N (< the length), so the prompt "
+                         "is prefilled in chunks and compressed whenever the cache would overflow; the full cache "
+                         "keeps -c length+64 as the reference. Implies --no-share-prefix")
+    ap.add_argument("--overflow-window", default="question", choices=["question", "recent"],
+                    help="with --bounded-ctx: what scores the chunks (--compresskv-overflow-window)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.bounded_ctx:
+        args.share = False
     if args.smoke:
         args.tasks, args.lengths, args.samples = "niah_single_1,vt,qa_1", "1024", 1
         args.methods, args.budgets = "full,compresskv", "128"
@@ -674,7 +689,9 @@ def main():
             "token_count": "exact: the model's tokenizer through llama-completion (prompt-too-long report)",
             "template": "chatml (bench/needle.py) + RULER answer prefix", "share_prefix": args.share,
             "methods": {m: harness.METHODS[m] for m in methods}, "budgets": budgets, "lengths": lengths,
-            "samples": args.samples, "tasks": tasks, "seed": gen.seed}
+            "samples": args.samples, "tasks": tasks, "seed": gen.seed,
+            "bounded_ctx": args.bounded_ctx or None,
+            "overflow_window": args.overflow_window if args.bounded_ctx else None}
     fits = prev.get("fits", {}) if rows else {}
 
     def save(complete):
@@ -709,12 +726,16 @@ def main():
                 sess = None
         for method, budget in runs:
             flags = harness.METHODS[method]
+            run_ctx = ctx
             if flags is not None:
                 flags = flags + ["--compresskv-budget", str(budget)]
-            row = llama.run(smp.text, flags, smp.gen, ctx, session=sess)
+                if args.bounded_ctx:
+                    flags += ["--compresskv-overflow-window", args.overflow_window]
+                    run_ctx = args.bounded_ctx
+            row = llama.run(smp.text, flags, smp.gen, run_ctx, session=sess)
             kind = TASKS[task][0]
             row.update({"task": task, "length": length, "sample": s, "method": method, "budget": budget,
-                        "threads": llama.threads,
+                        "threads": llama.threads, "ctx": run_ctx,
                         "n_prompt_counted": smp.n_tokens, "haystack": smp.size, "expected": smp.answers,
                         "score": score(row["answer"], smp.answers, TEMPLATES[kind]["metric"]),
                         "metric": "string_match_" + TEMPLATES[kind]["metric"]})
