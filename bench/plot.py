@@ -204,6 +204,9 @@ def ruler_table(d):
         sizes = sorted(r["n_prompt"] for r in rows if r.get("n_prompt"))
         done = "" if d.get("complete", True) else " (run interrupted: the samples finished so far)"
         share = ", context prefilled once per sample and shared by every method" if d.get("share_prefix") else ""
+        if d.get("bounded_ctx"):
+            share = (f"; **bounded-memory prefill**: the compressed methods run with -c {d['bounded_ctx']} (the prompt "
+                     f"prefilled in chunks, window: {d.get('overflow_window')}), the full cache with -c {length + 64}")
         out += [f"RULER {length} ({d['model']}): score (0-1) per task, {min(n.values())}-{max(n.values())} samples per "
                 f"task, prompts of {sizes[0]}-{sizes[-1]} tokens{done}{share}; `{d['command']}`:", "",
                 "| task | " + " | ".join(m if b is None else f"{m}@{b}" for m, b in cols) + " |",
@@ -222,6 +225,12 @@ def ruler_table(d):
         full = avg.get(("full", None))
         if full:
             out.append("| kept of full | " + " | ".join(f"{avg[c] / full:.0%}" if c in avg else "" for c in cols) + " |")
+        if all(r.get("peak_rss_mib") for r in rows):
+            rss = {c: max(r["peak_rss_mib"] for r in rows if (r["method"], r["budget"]) == c) for c in cols}
+            out.append("| peak RSS | " + " | ".join(f"{rss[c]:.0f} MiB" for c in cols) + " |")
+        if any(r.get("n_compressions") for r in rows):
+            held = {c: max(r.get("cells_after_max") or 0 for r in rows if (r["method"], r["budget"]) == c) for c in cols}
+            out.append("| cells held after a pass, at most | " + " | ".join(str(held[c] or "") for c in cols) + " |")
         out.append("")
     return "\n".join(out).rstrip()
 
