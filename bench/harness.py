@@ -82,20 +82,38 @@ STATS_FIELDS = ("n_prompt", "cells_before", "cells_after", "kv_bytes_before", "k
                 "ms_compact", "ms_total")
 
 
+# A child's ru_maxrss survives execve: a process forked from this (possibly large) Python and exec'ed into
+# llama-completion would report Python's resident size if that is larger. So the command is forked from a small
+# fresh interpreter, which reports its child's own peak (the floor is that interpreter's ~10 MiB).
+_LAUNCHER = ("import os, sys\n"
+             "fd = int(sys.argv[1])\n"
+             "pid = os.fork()\n"
+             "if pid == 0:\n"
+             "    os.close(fd)\n"
+             "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+             "_, status, ru = os.wait4(pid, 0)\n"
+             "os.write(fd, str(ru.ru_maxrss).encode())\n"
+             "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def run_measured(cmd):
     """Run cmd; (returncode, stdout, stderr, peak resident memory of that process in MiB)."""
     import threading
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    r, w = os.pipe()
+    p = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(w)] + list(cmd), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, errors="replace", pass_fds=(w,))
+    os.close(w)
     out = {}
     readers = [threading.Thread(target=lambda k, f: out.__setitem__(k, f.read()), args=(k, f))
                for k, f in (("out", p.stdout), ("err", p.stderr))]
     for t in readers:
         t.start()
-    _, status, ru = os.wait4(p.pid, 0)  # this child's own rusage (ru_maxrss in KiB on Linux)
+    with os.fdopen(r) as f:
+        rss = f.read()
+    p.wait()
     for t in readers:
         t.join()
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, out["out"], out["err"], ru.ru_maxrss / 1024
+    return p.returncode, out["out"], out["err"], int(rss or 0) / 1024
 
 
 def machine():
