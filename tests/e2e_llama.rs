@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 mod common;
-use common::{bin_dir, root, script_output, smollm2_f32, tmpdir};
+use common::{bin_dir, http, needle_text, root, script_output, smollm2_f32, tmpdir};
 
 fn completion_bin() -> PathBuf {
     let bin = bin_dir().join("llama-completion");
@@ -35,24 +35,15 @@ fn essays() -> &'static Path {
 /// A ~3.5K-token needle prompt (needle at `depth`), written once per depth.
 fn needle_prompt(chars: usize, depth: f64) -> PathBuf {
     let path = tmpdir().join(format!("needle-{chars}-{depth}.txt"));
-    let out = Command::new("python3")
-        .arg(root().join("bench/needle.py"))
-        .args([
-            "--essays",
-            essays().to_str().unwrap(),
-            "--chars",
-            &chars.to_string(),
-            "--depth",
-            &depth.to_string(),
-        ])
-        .output()
-        .expect("python3 bench/needle.py");
-    assert!(
-        out.status.success(),
-        "needle.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(&path, out.stdout).unwrap();
+    let text = needle_text(&[
+        "--essays",
+        essays().to_str().unwrap(),
+        "--chars",
+        &chars.to_string(),
+        "--depth",
+        &depth.to_string(),
+    ]);
+    std::fs::write(&path, text).unwrap();
     path
 }
 
@@ -615,22 +606,10 @@ fn shipped_profile_is_found_by_fingerprint() {
     assert_eq!(r.stats[0]["cells_after"].as_u64().unwrap(), 256);
 }
 
-/// A minimal HTTP/1.1 exchange with llama-server on loopback: (status, body).
-fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u32, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    Ok((status, body.to_string()))
+const SERVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn server_addr(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// llama-server with `--compresskv`: each request's prompt is compressed after its prefill (stats line per
@@ -668,7 +647,10 @@ fn server_compresses_every_request() {
     let slog = || std::fs::read_to_string(tmpdir().join("server.log")).unwrap_or_default();
 
     let t0 = std::time::Instant::now();
-    while !matches!(http(port, "GET", "/health", ""), Ok((200, _))) {
+    while !matches!(
+        http(server_addr(port), "GET", "/health", "", SERVER_TIMEOUT),
+        Ok((200, _))
+    ) {
         assert!(
             t0.elapsed().as_secs() < 120,
             "llama-server did not come up:\n{}",
@@ -681,7 +663,14 @@ fn server_compresses_every_request() {
     let req = serde_json::json!({"prompt": prompt, "n_predict": 32, "temperature": 0.0, "seed": 1});
     let mut answers = Vec::new();
     for i in 0..2 {
-        let (status, body) = http(port, "POST", "/completion", &req.to_string()).unwrap();
+        let (status, body) = http(
+            server_addr(port),
+            "POST",
+            "/completion",
+            &req.to_string(),
+            SERVER_TIMEOUT,
+        )
+        .unwrap();
         assert_eq!(status, 200, "request {i}: {body}\n{}", slog());
         let v: serde_json::Value = serde_json::from_str(&body).expect("completion JSON");
         let content = v["content"].as_str().unwrap().to_string();

@@ -19,10 +19,9 @@
 extern crate compresskv;
 
 mod common;
-use common::{root, script_output, smollm2_f32};
+use common::{needle_text, script_output, smollm2_f32};
 
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 #[allow(
@@ -114,17 +113,7 @@ fn prompt_tokens(model: *mut sys::llama_model) -> &'static [sys::llama_token] {
         let essays = script_output("scripts/fetch-data.sh", &[])
             .to_string_lossy()
             .into_owned();
-        let out = Command::new("python3")
-            .arg(root().join("bench/needle.py"))
-            .args(["--essays", &essays, "--chars", "12000", "--depth", "0.5"])
-            .output()
-            .expect("python3 bench/needle.py");
-        assert!(
-            out.status.success(),
-            "needle.py: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut text = String::from_utf8(out.stdout).unwrap();
+        let mut text = needle_text(&["--essays", &essays, "--chars", "12000", "--depth", "0.5"]);
         // llama-completion -f drops the file's final newline (the one after the assistant header)
         if text.ends_with('\n') {
             text.pop();

@@ -27,11 +27,10 @@
 //! shared with other jobs (load average 7-9).
 
 mod common;
-use common::{bin_dir, root, script_output, smollm2_f32, tmpdir};
+use common::{bin_dir, http, needle_text, script_output, smollm2_f32, tmpdir};
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -73,38 +72,18 @@ const NEEDLES: [(&str, &str, [&str; 2], f64); 8] = [
 ];
 
 fn needle_prompt(essays: &Path, (place, what, _, depth): (&str, &str, [&str; 2], f64)) -> String {
-    let out = Command::new("python3")
-        .arg(root().join("bench/needle.py"))
-        .args(["--essays", essays.to_str().unwrap()])
-        .args(["--chars", &CHARS.to_string(), "--depth", &depth.to_string()])
-        .args(["--needle", &format!("The best thing to do in {place} is {what}.")])
-        .args(["--question", &format!("What is the best thing to do in {place}?")])
-        .output()
-        .expect("python3 bench/needle.py");
-    assert!(
-        out.status.success(),
-        "needle.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// One HTTP/1.1 exchange with the server on loopback, bounded by `timeout`: (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, body: &str, timeout: Duration) -> std::io::Result<(u32, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(Duration::from_secs(60)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    Ok((status, body.to_string()))
+    needle_text(&[
+        "--essays",
+        essays.to_str().unwrap(),
+        "--chars",
+        &CHARS.to_string(),
+        "--depth",
+        &depth.to_string(),
+        "--needle",
+        &format!("The best thing to do in {place} is {what}."),
+        "--question",
+        &format!("What is the best thing to do in {place}?"),
+    ])
 }
 
 /// The server process, killed when dropped (at the end of the test or when it panics).

@@ -77,3 +77,43 @@ pub fn smollm2_f32() -> PathBuf {
     std::fs::rename(&part, &out).unwrap();
     out
 }
+
+/// The text `bench/needle.py` prints for `args` (--essays, --chars, --depth, --needle, ...): a needle prompt.
+pub fn needle_text(args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(root().join("bench/needle.py"))
+        .args(args)
+        .output()
+        .expect("python3 bench/needle.py");
+    assert!(
+        out.status.success(),
+        "needle.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// One HTTP/1.1 exchange with llama-server on loopback, the reply bounded by `timeout`: (status, body).
+pub fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<(u32, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(std::time::Duration::from_secs(60)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    Ok((status, body.to_string()))
+}
