@@ -170,14 +170,19 @@ def needle_table(d):
 
 def speed_table(d):
     out = [f"Decode speed ({d['model']}, {d['threads']} threads, {d['n_predict']} tokens decoded; `{d['command']}`):",
-           "", "| prompt tokens | method | cells after | KV MiB | decode tok/s | compression ms |", "|---|---|---|---|---|---|"]
+           "", "| prompt tokens | method | cells after | KV MiB | decode tok/s | compression ms | time to first token |",
+           "|---|---|---|---|---|---|---|"]
     full_kv = {r["n_prompt"]: r["kv_bytes_before"] for r in d["rows"] if r.get("kv_bytes_before")}
     for r in d["rows"]:
         cells = r.get("cells_after", r.get("n_prompt"))
         kv = r.get("kv_bytes_after", full_kv.get(r.get("n_prompt")))
+        # time to first token: the prompt's prefill (llama.cpp's prompt eval time) plus the compression step
+        pre = r["n_prompt"] / r["prompt_tps"] * 1000 if r.get("n_prompt") and r.get("prompt_tps") else None
+        ms = r.get("ms_total")
+        ttft = "" if pre is None else f"{(pre + (ms or 0)) / 1000:.2f} s" + (f" ({ms / pre:.1%} compression)" if ms else "")
         out.append(f"| {r.get('n_prompt')} | {r['method']} | {cells} | "
                    f"{'' if kv is None else f'{kv / 1048576:.1f}'} | {r.get('decode_tps')} | "
-                   f"{'' if r.get('ms_total') is None else round(r['ms_total'], 1)} |")
+                   f"{'' if ms is None else round(ms, 1)} | {ttft} |")
     return "\n".join(out)
 
 

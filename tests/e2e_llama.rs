@@ -254,9 +254,9 @@ fn probe_text_scores_the_prompt_and_leaves_the_prompt_logits() {
 
 /// The query-agnostic flow (chat, prompt caching): a context is compressed before its question exists, scored
 /// by a probe, and saved (`--prompt-cache`); a later run without --compresskv loads it and decodes the question
-/// and the generation prompt into the compressed cache. The probe decodes the context's last token again with
-/// it, so every layer keeps that token at its true position: the save can take it out and replay it, and the
-/// question continues at the next position (a gap there fails llama_decode's position check).
+/// and the generation prompt into the compressed cache. A probe compression keeps the context's last token in
+/// every layer at its true position: the save can take it out and replay it, and the question continues at the
+/// next position (a gap there fails llama_decode's position check).
 #[test]
 fn context_compressed_with_a_probe_saves_and_takes_its_question_later() {
     let text = std::fs::read_to_string(prompt_35k()).unwrap();
