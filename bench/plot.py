@@ -11,6 +11,7 @@ tables the README quotes), bench/results/profiles.md from bench/results/profile-
 import argparse
 import glob
 import json
+import re
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -291,6 +292,22 @@ def main():
     bounded = [bounded_table(json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/bounded-*.json")))]
     if bounded:
         write(os.path.join(ROOT, "bench/results/bounded.md"), "\n\n".join(bounded))
+    sync_readme()
+
+
+def sync_readme():
+    """The README quotes the tables between `<!-- BEGIN path -->` and `<!-- END path -->`: refresh them."""
+    path = os.path.join(ROOT, "README.md")
+    text = open(path).read()
+    def fill(m):
+        src = os.path.join(ROOT, m.group(1))
+        return m.group(0) if not os.path.exists(src) else \
+            f"<!-- BEGIN {m.group(1)} -->\n{open(src).read().strip()}\n<!-- END {m.group(1)} -->"
+    new = re.sub(r"<!-- BEGIN (\S+) -->\n.*?<!-- END \1 -->", fill, text, flags=re.S)
+    if new != text:
+        with open(path, "w") as f:
+            f.write(new)
+        print("updated the tables in README.md")
 
 
 if __name__ == "__main__":
