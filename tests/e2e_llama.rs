@@ -189,6 +189,19 @@ fn compressed_cache_finds_the_needle_at_budget_256() {
     );
 }
 
+/// A fixed instruction that scores a context whose question is not known (bench/ruler.py's GENERIC_PROBE)
+const GENERIC_PROBE: &str = "\nWhat are the important facts, names and numbers in the text above?";
+/// One token after compressing to 256 cells scored by GENERIC_PROBE
+const PROBE_256: [&str; 7] = [
+    "-n",
+    "1",
+    "--compresskv",
+    "--compresskv-budget",
+    "256",
+    "--compresskv-probe",
+    GENERIC_PROBE,
+];
+
 /// Query-agnostic scoring (`--compresskv-probe TEXT`): a fixed instruction, decoded after the prompt for
 /// scoring only and removed again, is the window. The stats record it after the prompt's last position, the
 /// kept cells fit the budget (the probe's cells are gone), and the first token is sampled from the prompt's own
@@ -199,7 +212,7 @@ fn probe_text_scores_the_prompt_and_leaves_the_prompt_logits() {
     let text = std::fs::read_to_string(needle_prompt(6000, 0.5)).unwrap();
     let q = text.rfind("What is the best thing").expect("the needle question");
     let lead = "The best thing to do in San Francisco is";
-    let probe = "\nWhat are the important facts, names and numbers in the text above?";
+    let probe = GENERIC_PROBE;
     let raw = tmpdir().join("probe-raw.txt");
     std::fs::write(&raw, format!("{}{lead}", &text[..q])).unwrap();
     let with_probe = tmpdir().join("probe-appended.txt");
@@ -207,19 +220,7 @@ fn probe_text_scores_the_prompt_and_leaves_the_prompt_logits() {
 
     let full = run(&raw, &["-n", "4"], "probe-full");
     let control = run(&with_probe, &["-n", "1"], "probe-control");
-    let r = run(
-        &raw,
-        &[
-            "-n",
-            "1",
-            "--compresskv",
-            "--compresskv-budget",
-            "256",
-            "--compresskv-probe",
-            probe,
-        ],
-        "probe",
-    );
+    let r = run(&raw, &PROBE_256, "probe");
     for x in [&full, &control, &r] {
         assert!(x.ok, "{}", x.log);
     }
@@ -266,21 +267,10 @@ fn context_compressed_with_a_probe_saves_and_takes_its_question_later() {
     let session = tmpdir().join("session-agnostic.bin");
     let _ = std::fs::remove_file(&session);
     let s = session.to_str().unwrap();
-    let probe = "\nWhat are the important facts, names and numbers in the text above?";
 
     let first = run(
         &context,
-        &[
-            "-n",
-            "1",
-            "--compresskv",
-            "--compresskv-budget",
-            "256",
-            "--compresskv-probe",
-            probe,
-            "--prompt-cache",
-            s,
-        ],
+        &[&PROBE_256[..], &["--prompt-cache", s]].concat(),
         "agnostic-1",
     );
     assert!(first.ok, "{}", first.log);
@@ -950,36 +940,20 @@ fn prompt_longer_than_the_context_is_prefilled_in_bounded_memory() {
     assert_retrieved(&r, "bounded prefill, -c 4096");
     assert!(passes(&r, 4096, "probe") >= 2);
 
+    let in_2048 = |window: &str, tag: &str| {
+        let args = ["--compresskv", "--compresskv-budget", "512", "-c", "2048"];
+        run(
+            &prompt,
+            &[&args[..], &["--compresskv-overflow-window", window]].concat(),
+            tag,
+        )
+    };
     // the query-agnostic alternative: the latest tokens score each overflow pass
-    let recent = run(
-        &prompt,
-        &[
-            "--compresskv",
-            "--compresskv-budget",
-            "512",
-            "-c",
-            "2048",
-            "--compresskv-overflow-window",
-            "recent",
-        ],
-        "bounded-recent",
-    );
+    let recent = in_2048("recent", "bounded-recent");
     assert!(passes(&recent, 2048, "end") >= 4);
 
     // a probe window for the overflow passes needs its text; refused before anything is decoded
-    let no_text = run(
-        &prompt,
-        &[
-            "--compresskv",
-            "--compresskv-budget",
-            "512",
-            "-c",
-            "2048",
-            "--compresskv-overflow-window",
-            "probe",
-        ],
-        "bounded-probe-no-text",
-    );
+    let no_text = in_2048("probe", "bounded-probe-no-text");
     assert!(
         !no_text.ok && no_text.log.contains("needs --compresskv-probe"),
         "{}",
