@@ -43,6 +43,8 @@ a prefix decoded in a separate run can differ from a one-shot prefill in the las
     python3 bench/ruler.py --model smollm2 --lengths 4096 --samples 3 \\
         --methods full,streamingllm,snapkv,pyramidkv,compresskv --budgets 128,512 \\
         --out bench/results/ruler-smollm2-cpu.json                              # resumable: done rows are kept
+    python3 bench/ruler.py --placement agnostic --model smollm2 --lengths 4096 --samples 2 \\
+        --methods full,compresskv --budgets 512    # the context compressed before its question (end, probe)
 
 The binary: --bin, else $COMPRESSKV_BIN, else vendor/build/bin/llama-completion.
 """
