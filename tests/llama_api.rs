@@ -459,3 +459,32 @@ fn compacted_cache_matches_the_masked_reference_to_f32_rounding() {
         "control: the full cache should differ from the masked one far more than {worst} ({worst_full})"
     );
 }
+
+#[test]
+fn probe_compression_leaves_the_prompt_logits_and_the_last_position() {
+    let (_turn, model) = model();
+    let toks = prompt_tokens(model);
+    let n = toks.len() as i32;
+    let ctx = prefilled(model);
+    let before = ctx.logits();
+    // the probe: the prompt's own question tokens again (any tokens do; these make a plausible scorer)
+    let probe: Vec<sys::llama_token> = toks[toks.len() - 24..].to_vec();
+    clear_log();
+    let rc = ctx.compress_with(0, toks, 256, |p| {
+        p.probe = probe.as_ptr();
+        p.n_probe = probe.len() as i32;
+    });
+    assert_eq!(rc, 0, "llama_kv_compress with a probe of {} tokens:\n{}", probe.len(), log_tail());
+    // the probe decoded after the prompt left again, and the prompt's last token is where it was
+    assert_eq!(ctx.pos_range().1, n - 1, "seq_pos_max after a probe compression");
+    assert_eq!(unsafe { sys::llama_kv_compress_n_cells(ctx.ctx, 0) }, 256, "cells held");
+    let after = ctx.logits();
+    // the probe's decode wrote its own logits; the prompt's last row must be back, bit for bit
+    assert!(
+        before == after,
+        "logits after a probe compression differ from the prompt's: max |diff| {}, argmax {} vs {}",
+        max_abs_diff(&before, &after),
+        argmax(&before),
+        argmax(&after)
+    );
+}
