@@ -157,19 +157,27 @@ class Runner:
             f.write(needle.prompt(self.essays, chars, depth))
         return path
 
-    def run(self, prompt, flags, n_predict, ctx, ignore_eos=False):
+    def run(self, prompt, flags, n_predict, ctx, ignore_eos=False, session=None, save_session=False):
         stats = os.path.join(self.tmp, f"stats-{os.getpid()}.jsonl")  # per process: runs may overlap
         if os.path.exists(stats):
             os.remove(stats)
         cmd = completion_cmd(self.bin, self.model, prompt, n_predict, ctx, self.threads) + self.extra
         if ignore_eos:
             cmd.append("--ignore-eos")
+        if session:
+            cmd += ["--prompt-cache", session] + ([] if save_session else ["--prompt-cache-ro"])
+        if not ignore_eos:
+            # libllama's KV allocation line is logged at -lv 4 only; the speed runs (ignore_eos) stay at the default
+            # verbosity, the debug lines cost a little per decoded token
+            cmd += ["-lv", "4"]
         if flags:
             cmd += flags + ["--compresskv-stats", stats]
         t0 = time.time()
         rc, out, err, rss = run_measured(cmd)
         row = {"ok": rc == 0, "wall_s": round(time.time() - t0, 2), "answer": out.strip(), "peak_rss_mib": round(rss, 1)}
         row.update(perf(err))
+        if session and not save_session:
+            row["session_whole"] = "session file has exact match for prompt" in err
         kv = re.search(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells", err)
         row["kv_alloc_mib"], row["kv_alloc_cells"] = (float(kv.group(1)), int(kv.group(2))) if kv else (None, None)
         if flags:
@@ -190,32 +198,97 @@ class Runner:
 
 
 def needle_cmd(args):
+    """The needle grid: context lengths x depths x (full cache, then every method x budget).
+
+    Each prompt is prefilled twice, whatever the number of methods: once by the full cache's own run (the
+    reference a user gets), once by a run that saves its cache (--prompt-cache: the state before the last prompt
+    token). Every compressed run loads that cache, replays the last token and compresses: the same computation as
+    a run that prefilled the prompt itself, since compression decodes its window and everything after it again.
+    --no-share prefills every run instead. --full is the whole grid (the usable context of SmolLM2 x 11 depths x
+    budgets 64-1024). Rows already in --out are kept (resumable)."""
+    if args.full:
+        args.chars, args.depths, args.budgets = FULL_GRID["chars"], FULL_GRID["depths"], FULL_GRID["budgets"]
+        args.methods = FULL_GRID["methods"]
     r = Runner(args)
     methods = args.methods.split(",")
-    rows = []
+    for m in methods:
+        if m not in METHODS:
+            sys.exit(f"harness.py: unknown method {m} ({', '.join(METHODS)})")
+    budgets = [int(b) for b in args.budgets.split(",")]
     out = args.out or os.path.join(ROOT, f"bench/results/needle-{args.model}-cpu.json")
+    rows = []
+    if os.path.exists(out):
+        prev = json.load(open(out))
+        if prev.get("kind") == "needle" and prev.get("model") == args.model and prev.get("share") == args.share \
+                and prev.get("n_predict") == args.n_predict:
+            rows = [x for x in prev["rows"] if x.get("ok")]
+            print(f"resuming: {len(rows)} rows in {out}", flush=True)
+    done = {(x["chars"], x["depth"], x["method"], x["budget"]) for x in rows}
+    meta = {"kind": "needle", "model": args.model, "model_path": os.path.basename(r.model),
+            "model_sha256": file_sha256(r.model), "commit": git_commit(), "machine": machine(),
+            "threads": args.threads, "n_predict": args.n_predict, "share": args.share,
+            "methods": {m: METHODS[m] for m in methods}, "budgets": budgets, "extra_flags": r.extra}
 
     def save(complete):
         # rewritten after every prompt, so an interrupted grid still leaves its finished prompts
-        write(out, {"kind": "needle", "model": args.model, "model_path": os.path.basename(r.model),
-                    "machine": machine(), "threads": args.threads, "n_predict": args.n_predict,
-                    "methods": {m: METHODS[m] for m in methods}, "extra_flags": r.extra, "complete": complete,
-                    "command": " ".join(sys.argv), "rows": rows, "summary": summarize(rows)})
+        write(out, dict(meta, complete=complete, command="bench/harness.py " + " ".join(sys.argv[1:]), rows=rows,
+                        summary=summarize(rows)))
 
-    for chars in map(int, args.chars.split(",")):
-        for depth in map(float, args.depths.split(",")):
-            prompt = r.prompt(chars, depth)
-            for m in methods:
-                for budget in ([None] if METHODS[m] is None else map(int, args.budgets.split(","))):
-                    flags = None if METHODS[m] is None else METHODS[m] + ["--compresskv-budget", str(budget)]
-                    row = r.run(prompt, flags, args.n_predict, args.ctx)
-                    row.update({"chars": chars, "depth": depth, "method": m, "budget": budget,
-                                "score": needle.score(row["answer"])})
-                    rows.append(row)
-                    print(f"{chars:6d} d{depth:.1f} {m:17s} {str(budget):5s} score {row['score']:.2f} "
-                          f"n={row.get('n_prompt')} {row['answer'][:70]!r}", flush=True)
-            save(False)
+    grid = [(int(c), float(d)) for c in args.chars.split(",") for d in args.depths.split(",")]
+    runs = [(m, b) for m in methods for b in ([None] if METHODS[m] is None else budgets)]
+    n_todo = sum(1 for c, d in grid for m, b in runs if (c, d, m, b) not in done)
+    print(f"{len(grid)} prompts x {len(runs)} runs: {n_todo} to do", flush=True)
+    t0, n_run = time.time(), 0
+    session = os.path.join(r.tmp, f"needle-session-{os.getpid()}.bin")
+    for chars, depth in grid:
+        todo = [(m, b) for m, b in runs if (chars, depth, m, b) not in done]
+        if not todo:
+            continue
+        prompt = r.prompt(chars, depth)
+        saved = False
+        for m, b in todo:
+            flags = None if METHODS[m] is None else METHODS[m] + ["--compresskv-budget", str(b)]
+            sess = None
+            if flags and args.share:
+                if not saved:
+                    if os.path.exists(session):
+                        os.remove(session)
+                    pre = r.run(prompt, None, 1, args.ctx, session=session, save_session=True)
+                    if not pre["ok"] or not os.path.exists(session):
+                        sys.exit(f"harness.py: the run saving the prompt's cache failed:\n{pre.get('log_tail', '')}")
+                    saved = True
+                sess = session
+            row = r.run(prompt, flags, args.n_predict, args.ctx, session=sess)
+            if not row["ok"]:
+                sys.exit(f"harness.py: {chars} d{depth} {m} {b} failed:\n{row.get('log_tail', '')}")
+            if sess and not row.get("session_whole"):
+                sys.exit(f"harness.py: {chars} d{depth} {m} {b}: the saved cache did not cover the prompt")
+            row.update({"chars": chars, "depth": depth, "method": m, "budget": b, "score": needle.score(row["answer"])})
+            rows.append(row)
+            n_run += 1
+            el = time.time() - t0
+            print(f"[{n_run}/{n_todo} {el / 60:5.1f} min, eta {el / n_run * (n_todo - n_run) / 60:5.1f} min] "
+                  f"{chars:6d} d{depth:.1f} {m:17s} {str(b):5s} score {row['score']:.2f} "
+                  f"n={row.get('n_prompt')} cells={row.get('cells_after', '-')} {row['answer'][:60]!r}", flush=True)
+        save(False)
+    if os.path.exists(session):
+        os.remove(session)
     save(True)
+
+
+# --full: SmolLM2's usable context (8K) in four lengths x 11 depths x every method at budgets 64-1024
+FULL_GRID = {"chars": "4000,8500,17500,36000", "depths": ",".join(f"{i / 10:.1f}" for i in range(11)),
+             "budgets": "64,128,256,512,1024",
+             "methods": "full,streamingllm,snapkv,pyramidkv,compresskv-paper,compresskv"}
+
+
+def file_sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def summarize(rows):
@@ -333,7 +406,10 @@ def main():
             p.add_argument("--budgets", default="128,256")
             p.add_argument("--methods", default="full,streamingllm,snapkv,pyramidkv,compresskv-paper,compresskv")
             p.add_argument("--n-predict", type=int, default=32)
-            p.add_argument("--ctx", type=int, default=4608)
+            p.add_argument("--ctx", type=int, default=8448)
+            p.add_argument("--full", action="store_true", help="the whole grid: " + str(FULL_GRID))
+            p.add_argument("--share", action=argparse.BooleanOptionalAction, default=True,
+                           help="prefill each prompt once for every compressed run (default; --no-share: per run)")
         elif name == "bounded":
             p.add_argument("--chars", default="26000")
             p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")

@@ -1,131 +1,25 @@
 #!/usr/bin/env python3
-"""Plots and tables from the harness's JSON (no plotting library needed: plain SVG and Markdown).
+"""Plots and tables from the harness's JSON: PNG figures (bench/figures.py, matplotlib: bench/requirements.txt)
+and the Markdown tables the README quotes.
 
-    python3 bench/plot.py [--needle bench/results/needle-smollm2-cpu.json]
-                          [--speed bench/results/speed-smollm2-cpu.json] [--core bench/results/core-cpu.json]
+    pip install -r bench/requirements.txt
+    python3 bench/plot.py [--needle bench/results/needle-smollm2-cpu.json] [--speed bench/results/speed-smollm2-cpu.json]
 
-writes bench/plots/needle-heatmap.svg, bench/plots/decode-speed.svg and bench/results/summary.md (the
-tables the README quotes), bench/results/profiles.md from bench/results/profile-*.json and bench/results/ruler.md
-(RULER scores per task and method) from bench/results/ruler-*.json.
+writes bench/plots/needle-heatmaps-<model>.png (every method x budget) and bench/plots/needle/*.png (one per
+model, method and budget), bench/plots/decode-speed-<model>.png, bench/plots/retention-<model>.png (needle score
+kept vs KV kept), bench/results/summary.md, bench/results/profiles.md from bench/results/profile-*.json,
+bench/results/ruler.md from bench/results/ruler-*.json and bench/results/bounded.md; then refreshes the README's
+quoted tables.
 """
 import argparse
 import glob
 import json
 import re
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def color(v):
-    """Score 0..1 -> red..yellow..green."""
-    v = max(0.0, min(1.0, v))
-    if v < 0.5:
-        r, g = 220, int(60 + 2 * v * 160)
-    else:
-        r, g = int(220 - (v - 0.5) * 2 * 180), 200
-    return f"rgb({r},{g},70)"
-
-
-def esc(s):
-    return str(s).replace("&", "&amp;").replace("<", "&lt;")
-
-
-def heatmap(d, path):
-    rows = d["rows"]
-    prompts = []
-    for r in rows:
-        key = (r["chars"], r["depth"])
-        if key not in prompts:
-            prompts.append(key)
-    n_tok = {}
-    for r in rows:
-        if r.get("n_prompt"):
-            n_tok[(r["chars"], r["depth"])] = r["n_prompt"]
-    lines = []
-    for r in rows:
-        key = (r["method"], r["budget"])
-        if key not in lines:
-            lines.append(key)
-    score = {(r["method"], r["budget"], r["chars"], r["depth"]): r["score"] for r in rows}
-    cw, ch, left, top = 46, 22, 190, 70
-    W = left + cw * len(prompts) + 70
-    H = top + ch * len(lines) + 40
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{left}" y="16" font-size="13">Needle word score, {esc(d["model"])} '
-           f'({esc(d["machine"]["host_cpu"][:40])}), greedy</text>']
-    for j, (chars, depth) in enumerate(prompts):
-        x = left + j * cw + cw / 2
-        out.append(f'<text x="{x}" y="{top - 22}" text-anchor="middle">{n_tok.get((chars, depth), "?")}</text>')
-        out.append(f'<text x="{x}" y="{top - 8}" text-anchor="middle">d{depth:g}</text>')
-    out.append(f'<text x="{left - 6}" y="{top - 22}" text-anchor="end">prompt tokens</text>')
-    out.append(f'<text x="{left - 6}" y="{top - 8}" text-anchor="end">needle depth</text>')
-    for i, (m, b) in enumerate(lines):
-        y = top + i * ch
-        out.append(f'<text x="{left - 6}" y="{y + ch * 0.7}" text-anchor="end">{esc(m)}'
-                   f'{"" if b is None else " @" + str(b)}</text>')
-        vals = []
-        for j, (chars, depth) in enumerate(prompts):
-            v = score.get((m, b, chars, depth))
-            if v is None:
-                continue
-            vals.append(v)
-            x = left + j * cw
-            out.append(f'<rect x="{x}" y="{y}" width="{cw - 1}" height="{ch - 1}" fill="{color(v)}"/>')
-            out.append(f'<text x="{x + cw / 2}" y="{y + ch * 0.7}" text-anchor="middle">{v:.2f}</text>')
-        if vals:
-            out.append(f'<text x="{left + cw * len(prompts) + 6}" y="{y + ch * 0.7}">mean {sum(vals) / len(vals):.2f}</text>')
-    out.append("</svg>")
-    write(path, "\n".join(out))
-
-
-def speed_plot(d, path):
-    rows = [r for r in d["rows"] if r.get("decode_tps")]
-    methods = []
-    for r in rows:
-        if r["method"] not in methods:
-            methods.append(r["method"])
-    xs = sorted({r["n_prompt"] for r in rows if r.get("n_prompt")})
-    ymax = max(r["decode_tps"] for r in rows) * 1.15
-    W, H, l, b, t, rgt = 560, 360, 60, 50, 40, 150
-    pw, ph = W - l - rgt, H - t - b
-    xmax = max(xs) * 1.05
-
-    def px(x):
-        return l + pw * x / xmax
-
-    def py(y):
-        return t + ph * (1 - y / ymax)
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{l}" y="20" font-size="13">Decode speed vs prompt length, {esc(d["model"])}, '
-           f'{d["threads"]} threads</text>',
-           f'<line x1="{l}" y1="{t + ph}" x2="{l + pw}" y2="{t + ph}" stroke="black"/>',
-           f'<line x1="{l}" y1="{t}" x2="{l}" y2="{t + ph}" stroke="black"/>',
-           f'<text x="{l + pw / 2}" y="{H - 12}" text-anchor="middle">prompt tokens</text>',
-           f'<text x="16" y="{t + ph / 2}" transform="rotate(-90 16 {t + ph / 2})" text-anchor="middle">decode tokens/s</text>']
-    for x in xs:
-        out.append(f'<text x="{px(x)}" y="{t + ph + 16}" text-anchor="middle">{x}</text>')
-    step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000) if ymax / s <= 8)
-    y = 0.0
-    while y <= ymax:
-        out.append(f'<text x="{l - 6}" y="{py(y) + 4}" text-anchor="end">{y:g}</text>')
-        out.append(f'<line x1="{l}" y1="{py(y)}" x2="{l + pw}" y2="{py(y)}" stroke="#ddd"/>')
-        y += step
-    palette = ["#444", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]
-    for k, m in enumerate(methods):
-        pts = sorted((r["n_prompt"], r["decode_tps"]) for r in rows if r["method"] == m)
-        c = palette[k % len(palette)]
-        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="'
-                   + " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts) + '"/>')
-        for x, y in pts:
-            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{c}"/>')
-        label = m if m == "full" else f"{m} @{d['budget']}"
-        out.append(f'<text x="{l + pw + 10}" y="{t + 16 * (k + 1)}" fill="{c}">{esc(label)}</text>')
-    out.append("</svg>")
-    write(path, "\n".join(out))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
 def write(path, text):
@@ -164,9 +58,61 @@ def grid_table(d, title, with_cells):
     return "\n".join(out)
 
 
+def retention_points(d):
+    """{method: [(KV kept, score kept)]} of a needle grid: per budget, the mean fraction of the prompt's cells
+    kept and the sum of scores over the full cache's sum, on the prompts the full cache scores > 0."""
+    rows = d["rows"]
+    full = {(r["chars"], r["depth"]): r["score"] for r in rows if r["method"] == "full"}
+    acc = {}
+    for r in rows:
+        key = (r["chars"], r["depth"])
+        if r["method"] == "full" or not full.get(key) or not r.get("n_prompt"):
+            continue
+        a = acc.setdefault(r["method"], {}).setdefault(r["budget"], [0.0, 0.0, 0.0, 0])
+        a[0] += r["score"]
+        a[1] += full[key]
+        a[2] += min(1.0, r.get("cells_after", r["n_prompt"]) / r["n_prompt"])
+        a[3] += 1
+    return {m: [(kv / n, s / f) for (s, f, kv, n) in per.values()] for m, per in acc.items()}
+
+
 def needle_table(d):
-    return grid_table(d, "Needle word score, mean over {n_prompts} prompts of {lo}-{hi} tokens{done} "
-                         "({model}; `{command}`):", with_cells=False)
+    """Mean needle score per method and budget, with the mean KV MiB the sequence occupies after compression
+    (--compresskv-stats kv_bytes_after; the full cache's: kv_bytes_before of the same prompts)."""
+    rows = d["rows"]
+    budgets = sorted({r["budget"] for r in rows if r["budget"]})
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "full"]
+    prompts = {(r["chars"], r["depth"]) for r in rows}
+    sizes = sorted({r["n_prompt"] for r in rows if r.get("n_prompt")})
+    full_bytes = {}
+    for r in rows:
+        if r.get("kv_bytes_before"):
+            full_bytes[(r["chars"], r["depth"])] = r["kv_bytes_before"]
+    done = "" if d.get("complete", True) else " (grid interrupted: the prompts finished so far)"
+    depths = sorted({r["depth"] for r in rows})
+    lengths = sorted({r["chars"] for r in rows})
+    out = [f"Needle word score (mean KV MiB occupied), {len(prompts)} prompts ({len(lengths)} lengths x "
+           f"{len(depths)} depths) of {sizes[0]}-{sizes[-1]} tokens{done} ({d['model']}; `{d['command']}`):", ""]
+    full = [r for r in rows if r["method"] == "full"]
+    if full:
+        fb = [full_bytes[(r["chars"], r["depth"])] for r in full if (r["chars"], r["depth"]) in full_bytes]
+        mib = f" ({sum(fb) / len(fb) / 2 ** 20:.1f})" if fb else ""
+        out += [f"full cache: {sum(r['score'] for r in full) / len(full):.2f}{mib}", ""]
+    out += ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for m in methods:
+        cells = []
+        for b in budgets:
+            sel = [r for r in rows if r["method"] == m and r["budget"] == b]
+            if not sel:
+                cells.append("")
+                continue
+            text = f"{sum(r['score'] for r in sel) / len(sel):.2f}"
+            kb = [r["kv_bytes_after"] for r in sel if r.get("kv_bytes_after")]
+            if kb:
+                text += f" ({sum(kb) / len(kb) / 2 ** 20:.1f})"
+            cells.append(text)
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def speed_table(d):
@@ -274,13 +220,22 @@ def main():
     ap.add_argument("--speed", default=os.path.join(ROOT, "bench/results/speed-smollm2-cpu.json"))
     args = ap.parse_args()
     parts = []
+    try:
+        import figures
+    except ImportError as e:
+        figures = None
+        print(f"plot.py: no figures ({e}): pip install -r bench/requirements.txt")
+    plots = os.path.join(ROOT, "bench/plots")
     if os.path.exists(args.needle):
         d = json.load(open(args.needle))
-        heatmap(d, os.path.join(ROOT, "bench/plots/needle-heatmap.svg"))
+        if figures:
+            figures.needle_heatmaps(d, plots)
+            figures.retention(retention_points(d), d["model"], os.path.join(plots, f"retention-{d['model']}.png"))
         parts.append(needle_table(d))
     if os.path.exists(args.speed):
         d = json.load(open(args.speed))
-        speed_plot(d, os.path.join(ROOT, "bench/plots/decode-speed.svg"))
+        if figures:
+            figures.decode_speed(d, os.path.join(plots, f"decode-speed-{d['model']}.png"))
         parts.append(speed_table(d))
     write(os.path.join(ROOT, "bench/results/summary.md"), "\n\n".join(parts))
     prof = [profile_table(json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/profile-*.json")))]

@@ -558,6 +558,8 @@ class Llama:
         row.update({"decode_tps": pf["decode_tps"], "n_decoded": pf["n_decoded"], "prompt_tps": pf["prompt_tps"],
                     "n_prefilled": pf["n_prompt"]})
         m = re.search(r"session file matches (\d+) / (\d+) tokens", p.stderr)
+        if not m and "session file has exact match for prompt" in p.stderr:
+            m = re.search(r"loaded a session with prompt size of (\d+) tokens", p.stderr)
         if session and not save_session:
             row["n_prefix_reused"] = int(m.group(1)) if m else 0
             row["session_compressed"] = "the session's cache is compressed" in p.stderr
