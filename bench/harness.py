@@ -202,8 +202,9 @@ def needle_cmd(args):
 
     Each prompt is prefilled twice, whatever the number of methods: once by the full cache's own run (the
     reference a user gets), once by a run that saves its cache (--prompt-cache: the state before the last prompt
-    token). Every compressed run loads that cache, replays the last token and compresses: the same computation as
-    a run that prefilled the prompt itself, since compression decodes its window and everything after it again.
+    token). Every compressed run loads that cache, replays the last token and compresses: close to a run that
+    prefilled the prompt itself (the same prefill, its last batch one token shorter; compression decodes its window
+    and everything after it again).
     --no-share prefills every run instead. --full is the whole grid (the usable context of SmolLM2 x 11 depths x
     budgets 64-1024). Rows already in --out are kept (resumable)."""
     if args.full:

@@ -15,16 +15,18 @@ patched llama-completion, greedy:
 
 The variants set all four selection parameters explicitly (window length, anchor, pooling kernel, chunk), so
 the table does not depend on the build's defaults; `paper` is the paper's selection (--compresskv-preset paper).
-A compressed run from the saved cache is the same computation as one that prefilled the prompt itself: the
-compression decodes its window and everything after it again. The full cache's reference is a plain one-shot
+A compressed run from the saved cache is close to one that prefilled the prompt itself: the cache before the
+window comes from the same prefill (its last batch one token shorter), and the compression decodes its window
+and everything after it again. The full cache's reference is a plain one-shot
 run, as a user gets it: replaying the last token from a saved cache moves the logits by float rounding, and on
 SmolLM2 that alone turns the needle at depth 0.1 from 1.00 into 0.25 ("to take a trip to the city").
 Ranking: mean of needle and RULER retention over the budgets, CompressKV rows; bench/results/tune.md states
 the ranking and the winner per model, and the README quotes it.
 
-    python3 bench/tune.py --model smollm2                       # ~40 min on 2 cores
-    python3 bench/tune.py --model qwen05 --variants paper,w8-q-k16,w8-q-k0,w16-q-k16,w8-q-p15,w8-e-k16 \\
-        --budgets 128,256                                          # a smaller grid
+    python3 bench/tune.py --model smollm2 --ruler-samples 2    # every variant: ~50 min on 2 cores
+    python3 bench/tune.py --model qwen05 --variants paper,w8-e-k16,w8-q-p15,w8-q-k8,w8-q-k16,w8-q-k32,w16-q-k16,w8-e-k32
+                                                                 # a smaller grid, ~45 min
+    python3 bench/tune.py --model qwen05 --variants w8-e-k32     # adds a variant to the same prompts
     python3 bench/tune.py --report                              # bench/results/tune.md from the JSON files
 
 Resumable: rows already in --out are kept. Scores: bench/needle.py's word score, RULER's string_match_all/part.
@@ -58,10 +60,12 @@ VARIANTS = {
     "w8-q-k8": sel(8, "question", 5, 8),
     "w8-q-k16": sel(8, "question", 5, 16),
     "w8-q-k32": sel(8, "question", 5, 32),
+    "w8-e-k32": sel(8, "end", 5, 32),
     "w16-q-k16": sel(16, "question", 5, 16),
     "w32-q-k16": sel(32, "question", 5, 16),
     "w16-q-p15": sel(16, "question", 15, 0),
 }
+DEFAULT = "w8-q-k32"  # the variant the build's defaults select (common_params_compresskv), chosen from this table
 METHODS = {"snapkv": ["--compresskv-method", "snapkv"], "compresskv": ["--compresskv-method", "compresskv"]}
 # the reported RULER tables use samples 0-2 and the smoke test sample 0: the tuning set starts far from them
 RULER_SAMPLE0 = 100
@@ -123,7 +127,7 @@ def rank(ret, budgets, method="compresskv"):
 
 
 def report(paths, out_md):
-    parts = []
+    parts, per_model = [], []
     for path in paths:
         d = json.load(open(path))
         rows, budgets = d["rows"], d["budgets"]
@@ -151,10 +155,25 @@ def report(paths, out_md):
                 cells.append(" / ".join(f"{x[k][0]:.2f}" if k in x else "-" for k in ("needle", "ruler")))
             mean = f"{score_of[v]:.3f}" if v in score_of else "-"
             lines.append(f"| {v} | " + " | ".join(cells) + f" | {mean} |")
+        hl = []
+        for m in d["methods"]:
+            for b in (128, 256):
+                pa, us = ret.get((m, "paper", b)), ret.get((m, DEFAULT, b))
+                if pa and us:
+                    hl.append(f"{m}@{b}: needle {pa.get('needle', (0,))[0]:.2f} -> {us.get('needle', (0,))[0]:.2f}, "
+                              f"RULER {pa.get('ruler', (0,))[0]:.2f} -> {us.get('ruler', (0,))[0]:.2f}")
+        if hl:
+            lines += ["", f"Headline, retention with the paper's selection -> ours ({DEFAULT}): " + "; ".join(hl) + "."]
         if ranking:
             lines += ["", "Ranking (CompressKV, mean retention over budgets and both benchmarks): " +
                       ", ".join(f"{v} {s:.3f}" for s, v in ranking) + "."]
         parts.append("\n".join(lines))
+        per_model.append({v: sc for sc, v in ranking})
+    if len(per_model) > 1:
+        common = set.intersection(*(set(m) for m in per_model))
+        both = sorted(((sum(m[v] for m in per_model) / len(per_model), v) for v in common), reverse=True)
+        parts.append("Both models (mean of the per-model means, variants run on every model): " +
+                     ", ".join(f"{v} {sc:.3f}" for sc, v in both) + ".")
     with open(out_md, "w") as f:
         f.write("\n\n".join(parts) + "\n")
     print(f"wrote {out_md}")
@@ -208,25 +227,32 @@ def main():
             sys.exit(f"tune.py: unknown RULER task {t}")
     prompts += ruler_prompts(gen, tasks, args.ruler_length, args.ruler_samples)
 
-    rows = []
+    rows, prev = [], {}
     if os.path.exists(out):
         prev = json.load(open(out))
         if prev.get("kind") == "tune" and prev.get("model") == args.model:
             rows = prev["rows"]
             print(f"resuming: {len(rows)} rows in {out}", flush=True)
+        else:
+            prev = {}
+    # a later run adds variants (or methods) to the same prompts: the table shows them all
+    all_variants = list(dict.fromkeys(prev.get("variants", []) + variants))
+    all_methods = list(dict.fromkeys(prev.get("methods", []) + methods))
+    commands = prev.get("commands", [prev["command"]] if prev.get("command") else []) + \
+        [" ".join(["bench/tune.py"] + sys.argv[1:])]
     done = {(r["prompt"], r["method"], r["variant"], r["budget"]) for r in rows}
     meta = {"kind": "tune", "model": args.model, "model_path": os.path.basename(model),
             "model_sha256": ruler.file_sha256(model), "commit": harness.git_commit(), "machine": harness.machine(),
-            "binary_sha256": ruler.file_sha256(args.bin), "variants": variants,
-            "variant_flags": {v: VARIANTS[v] for v in variants}, "methods": methods,
-            "method_flags": {m: METHODS[m] for m in methods}, "budgets": budgets,
+            "binary_sha256": ruler.file_sha256(args.bin), "variants": all_variants,
+            "variant_flags": {v: VARIANTS[v] for v in all_variants}, "methods": all_methods,
+            "method_flags": {m: METHODS[m] for m in all_methods}, "budgets": budgets,
             "needle": {"chars": args.needle_chars, "depths": args.needle_depths},
             "ruler_length": args.ruler_length, "ruler_tasks": tasks,
             "ruler_samples": list(range(RULER_SAMPLE0, RULER_SAMPLE0 + args.ruler_samples)),
             "share_prefix": True}
 
     def save(complete):
-        harness.write(out, dict(meta, complete=complete, command=" ".join(["bench/tune.py"] + sys.argv[1:]), rows=rows))
+        harness.write(out, dict(meta, complete=complete, command=" && ".join(commands), commands=commands, rows=rows))
 
     configs = [(m, v, b) for v in variants for m in methods for b in budgets]
     t0, n_done = time.time(), 0
