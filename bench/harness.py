@@ -267,9 +267,7 @@ def needle_cmd(args):
             row.update({"chars": chars, "depth": depth, "method": m, "budget": b, "score": needle.score(row["answer"])})
             rows.append(row)
             n_run += 1
-            el = time.time() - t0
-            print(f"[{n_run}/{n_todo} {el / 60:5.1f} min, eta {el / n_run * (n_todo - n_run) / 60:5.1f} min] "
-                  f"{chars:6d} d{depth:.1f} {m:17s} {str(b):5s} score {row['score']:.2f} "
+            print(f"{progress(n_run, n_todo, t0)} {chars:6d} d{depth:.1f} {m:17s} {str(b):5s} score {row['score']:.2f} "
                   f"n={row.get('n_prompt')} cells={row.get('cells_after', '-')} {row['answer'][:60]!r}", flush=True)
         save(False)
     if os.path.exists(session):
@@ -281,6 +279,12 @@ def needle_cmd(args):
 FULL_GRID = {"chars": "4000,8500,17500,36000", "depths": ",".join(f"{i / 10:.1f}" for i in range(11)),
              "budgets": "64,128,256,512,1024",
              "methods": "full,streamingllm,snapkv,pyramidkv,compresskv-paper,compresskv"}
+
+
+def progress(n_done, n_todo, t0):
+    """'[done/todo elapsed, eta]' of a long run, for its progress lines."""
+    el = time.time() - t0
+    return f"[{n_done}/{n_todo} {el / 60:5.1f} min, eta {el / max(1, n_done) * (n_todo - n_done) / 60:5.1f} min]"
 
 
 def file_sha256(path):

