@@ -937,7 +937,15 @@ fn prompt_longer_than_the_context_is_prefilled_in_bounded_memory() {
 
     let r = run(
         &prompt,
-        &["--compresskv", "--compresskv-budget", "512", "--compresskv-chunk", "16", "-c", "4096"],
+        &[
+            "--compresskv",
+            "--compresskv-budget",
+            "512",
+            "--compresskv-chunk",
+            "16",
+            "-c",
+            "4096",
+        ],
         "bounded-4096",
     );
     assert_retrieved(&r, "bounded prefill, -c 4096");

@@ -474,7 +474,13 @@ fn probe_compression_leaves_the_prompt_logits_and_the_last_position() {
         p.probe = probe.as_ptr();
         p.n_probe = probe.len() as i32;
     });
-    assert_eq!(rc, 0, "llama_kv_compress with a probe of {} tokens:\n{}", probe.len(), log_tail());
+    assert_eq!(
+        rc,
+        0,
+        "llama_kv_compress with a probe of {} tokens:\n{}",
+        probe.len(),
+        log_tail()
+    );
     // the probe decoded after the prompt left again, and the prompt's last token is where it was
     assert_eq!(ctx.pos_range().1, n - 1, "seq_pos_max after a probe compression");
     assert_eq!(unsafe { sys::llama_kv_compress_n_cells(ctx.ctx, 0) }, 256, "cells held");
