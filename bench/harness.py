@@ -157,7 +157,7 @@ class Runner:
             f.write(needle.prompt(self.essays, chars, depth))
         return path
 
-    def run(self, prompt, flags, n_predict, ctx, ignore_eos=False, session=None, save_session=False):
+    def run(self, prompt, flags, n_predict, ctx, ignore_eos=False, session=None, save_session=False, log_kv=True):
         stats = os.path.join(self.tmp, f"stats-{os.getpid()}.jsonl")  # per process: runs may overlap
         if os.path.exists(stats):
             os.remove(stats)
@@ -166,9 +166,9 @@ class Runner:
             cmd.append("--ignore-eos")
         if session:
             cmd += ["--prompt-cache", session] + ([] if save_session else ["--prompt-cache-ro"])
-        if not ignore_eos:
-            # libllama's KV allocation line is logged at -lv 4 only; the speed runs (ignore_eos) stay at the default
-            # verbosity, the debug lines cost a little per decoded token
+        if log_kv:
+            # libllama's KV allocation line is logged at -lv 4 only; the speed runs stay at the default verbosity
+            # (the debug lines cost a little per decoded token)
             cmd += ["-lv", "4"]
         if flags:
             cmd += flags + ["--compresskv-stats", stats]
@@ -315,7 +315,7 @@ def speed_cmd(args):
         ctx = n_tok + args.n_predict + 256
         for m in methods:
             flags = None if METHODS[m] is None else METHODS[m] + ["--compresskv-budget", str(args.budget)]
-            row = r.run(prompt, flags, args.n_predict, ctx, ignore_eos=True)
+            row = r.run(prompt, flags, args.n_predict, ctx, ignore_eos=True, log_kv=False)
             row.update({"target_tokens": n_tok, "method": m, "budget": None if flags is None else args.budget})
             del row["answer"]
             rows.append(row)

@@ -73,17 +73,15 @@ NEEDLE_DEPTHS = "0.1,0.3,0.7,0.9"  # the e2e tests use 0.5 (and 0.0-0.2 of other
 
 
 class Prompt:
-    def __init__(self, pid, bench, text, prefix_text, gen, scorer, n_tokens=None):
-        self.id, self.bench, self.text, self.prefix_text, self.gen, self.scorer = pid, bench, text, prefix_text, gen, scorer
-        self.n_tokens = n_tokens
+    def __init__(self, pid, bench, text, gen, scorer):
+        self.id, self.bench, self.text, self.gen, self.scorer = pid, bench, text, gen, scorer
 
 
 def needle_prompts(essays, chars, depths):
     out = []
     for d in depths:
         text = needle.prompt(essays, chars, d)
-        cut = text.index("\n</document>")  # the context; the question and the template end follow
-        out.append(Prompt(f"needle@{chars}/d{d}", "needle", text, text[:cut], 32, lambda a: needle.score(a)))
+        out.append(Prompt(f"needle@{chars}/d{d}", "needle", text, 32, lambda a: needle.score(a)))
     return out
 
 
@@ -94,8 +92,8 @@ def ruler_prompts(gen, tasks, length, samples):
         for s in range(RULER_SAMPLE0, RULER_SAMPLE0 + samples):
             smp = gen.sample(t, length, s)
             metric = ruler.TEMPLATES[kind]["metric"]
-            out.append(Prompt(f"{t}@{length}/s{s}", "ruler", smp.text, smp.prefix_text, smp.gen,
-                              lambda a, refs=smp.answers, m=metric: ruler.score(a, refs, m), smp.n_tokens))
+            out.append(Prompt(f"{t}@{length}/s{s}", "ruler", smp.text, smp.gen,
+                              lambda a, refs=smp.answers, m=metric: ruler.score(a, refs, m)))
     return out
 
 
