@@ -60,6 +60,7 @@ mod llama {
 
         // The -D flags of scripts/build-llama.sh (same compiler command lines, so that ccache serves the
         // objects compiled there), only the library targets.
+        let cflags = ggml_cflags(&root);
         let mut cfg = cmake::Config::new(&src);
         if let Some(launcher) = ccache_launcher() {
             cfg.define("CMAKE_C_COMPILER_LAUNCHER", &launcher)
@@ -70,8 +71,8 @@ mod llama {
             .no_default_flags(true)
             .profile("Release")
             // no_default_flags still passes cc's `-w`: an empty CMAKE_<LANG>_FLAGS, as in the scripts' build
-            .define("CMAKE_C_FLAGS", "")
-            .define("CMAKE_CXX_FLAGS", "")
+            .define("CMAKE_C_FLAGS", &cflags)
+            .define("CMAKE_CXX_FLAGS", &cflags)
             .define("CMAKE_ASM_FLAGS", "")
             .define("BUILD_SHARED_LIBS", "OFF")
             .define("LLAMA_BUILD_TESTS", "OFF")
@@ -109,6 +110,19 @@ mod llama {
         }
 
         bindings(&src, &out.join("llama_sys.rs"));
+    }
+
+    /// The C and C++ flags of every llama.cpp build here, from scripts/ggml-cflags.sh (ggml's AMX matmul left
+    /// out: it segfaults at this llama.cpp commit). Empty if the script cannot run.
+    fn ggml_cflags(root: &Path) -> String {
+        let script = root.join("scripts/ggml-cflags.sh");
+        println!("cargo:rerun-if-changed={}", script.display());
+        println!("cargo:rerun-if-env-changed=COMPRESSKV_GGML_AMX");
+        println!("cargo:rerun-if-env-changed=CC");
+        match std::process::Command::new("sh").arg(&script).output() {
+            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            _ => String::new(),
+        }
     }
 
     /// ccache with this build script's own `LC_ALL` (none, usually), as scripts/build-llama.sh runs it.

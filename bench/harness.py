@@ -223,6 +223,11 @@ def needle_cmd(args):
         if prev.get("kind") == "needle" and prev.get("model") == args.model and prev.get("share") == args.share \
                 and prev.get("n_predict") == args.n_predict:
             rows = [x for x in prev["rows"] if x.get("ok")]
+            # a resumed grid may mix commits and machines: rows written before rows carried their own take the
+            # previous run's
+            for x in rows:
+                x.setdefault("commit", prev.get("commit"))
+                x.setdefault("host_cpu", (prev.get("machine") or {}).get("host_cpu"))
             print(f"resuming: {len(rows)} rows in {out}", flush=True)
     done = {(x["chars"], x["depth"], x["method"], x["budget"]) for x in rows}
     meta = {"kind": "needle", "model": args.model, "model_path": os.path.basename(r.model),
@@ -264,7 +269,8 @@ def needle_cmd(args):
                 sys.exit(f"harness.py: {chars} d{depth} {m} {b} failed:\n{row.get('log_tail', '')}")
             if sess and not row.get("session_whole"):
                 sys.exit(f"harness.py: {chars} d{depth} {m} {b}: the saved cache did not cover the prompt")
-            row.update({"chars": chars, "depth": depth, "method": m, "budget": b, "score": needle.score(row["answer"])})
+            row.update({"chars": chars, "depth": depth, "method": m, "budget": b, "score": needle.score(row["answer"]),
+                        "commit": meta["commit"], "host_cpu": meta["machine"]["host_cpu"]})
             rows.append(row)
             n_run += 1
             print(f"{progress(n_run, n_todo, t0)} {chars:6d} d{depth:.1f} {m:17s} {str(b):5s} score {row['score']:.2f} "

@@ -29,6 +29,8 @@ vendor/fetch.sh
 jobs=${JOBS:-$(nproc)}
 flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF)
+cflags=$(scripts/ggml-cflags.sh)  # AMX off: see there
+flags+=(-DCMAKE_C_FLAGS="$cflags" -DCMAKE_CXX_FLAGS="$cflags")
 if [ $off = 1 ]; then
   build=vendor/build-off
   flags+=(-DLLAMA_COMPRESSKV=OFF)

@@ -94,7 +94,9 @@ if [ "$mode" = asan-llama ]; then
   nice -n "$nice_n" cargo build --release --lib --quiet --target "$host" --target-dir target/asan \
     --config "target.$host.rustflags=['-Zsanitizer=address','-Cdebuginfo=1','-Cforce-frame-pointers=yes']"
   vendor/fetch.sh
+  cflags=$(scripts/ggml-cflags.sh)
   cmake -S vendor/llama.cpp -B vendor/build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBUILD_SHARED_LIBS=OFF \
+    -DCMAKE_C_FLAGS="$cflags" -DCMAKE_CXX_FLAGS="$cflags" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_SANITIZE_ADDRESS=ON -DGGML_SANITIZE_ADDRESS=ON \
     -DLLAMA_COMPRESSKV=ON -DLLAMA_COMPRESSKV_DIR="$root" -DLLAMA_COMPRESSKV_LIB="$root/target/asan/$host/release/libcompresskv.a" >/dev/null
