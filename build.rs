@@ -70,7 +70,7 @@ mod llama {
             .out_dir(&dst)
             .no_default_flags(true)
             .profile("Release")
-            // no_default_flags still passes cc's `-w`: an empty CMAKE_<LANG>_FLAGS, as in the scripts' build
+            // no_default_flags still passes cc's `-w`: CMAKE_<LANG>_FLAGS set to the scripts' own (ggml-cflags.sh)
             .define("CMAKE_C_FLAGS", &cflags)
             .define("CMAKE_CXX_FLAGS", &cflags)
             .define("CMAKE_ASM_FLAGS", "")
