@@ -3,13 +3,13 @@
 and the Markdown tables the README quotes.
 
     pip install -r bench/requirements.txt
-    python3 bench/plot.py [--needle bench/results/needle-smollm2-cpu.json] [--speed bench/results/speed-smollm2-cpu.json]
+    python3 bench/plot.py [--needle bench/results/needle-*.json] [--speed bench/results/speed-smollm2-cpu.json]
 
-writes bench/plots/needle-heatmaps-<model>.png (every method x budget) and bench/plots/needle/*.png (one per
-model, method and budget), bench/plots/decode-speed-<model>.png, bench/plots/retention-<model>.png (needle score
-kept vs KV kept), bench/results/summary.md, bench/results/profiles.md from bench/results/profile-*.json,
-bench/results/ruler.md from bench/results/ruler-*.json and bench/results/bounded.md; then refreshes the README's
-quoted tables.
+writes, for every needle grid (one per model), bench/plots/needle-heatmaps-<model>.png (every method x budget),
+bench/plots/needle/*.png (one per method and budget) and bench/plots/retention-<model>.png (needle score kept vs
+KV kept); bench/plots/decode-speed-<model>.png, bench/results/summary.md, bench/results/profiles.md from
+bench/results/profile-*.json, bench/results/ruler.md from bench/results/ruler-*.json and bench/results/bounded.md;
+then refreshes the README's quoted tables.
 """
 import argparse
 import glob
@@ -216,7 +216,9 @@ def bounded_table(d):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--needle", default=os.path.join(ROOT, "bench/results/needle-smollm2-cpu.json"))
+    ap.add_argument("--needle", nargs="*", help="needle grids (default: bench/results/needle-*.json, one per model)",
+                    default=sorted(glob.glob(os.path.join(ROOT, "bench/results/needle-*.json")),
+                                   key=lambda f: ("smollm2" not in f, f)))
     ap.add_argument("--speed", default=os.path.join(ROOT, "bench/results/speed-smollm2-cpu.json"))
     args = ap.parse_args()
     parts = []
@@ -226,8 +228,8 @@ def main():
         figures = None
         print(f"plot.py: no figures ({e}): pip install -r bench/requirements.txt")
     plots = os.path.join(ROOT, "bench/plots")
-    if os.path.exists(args.needle):
-        d = json.load(open(args.needle))
+    for path in args.needle:
+        d = json.load(open(path))
         if figures:
             figures.needle_heatmaps(d, plots)
             figures.retention(retention_points(d), d["model"], os.path.join(plots, f"retention-{d['model']}.png"))
