@@ -118,6 +118,27 @@ def decode_speed(d, path):
     _save(fig, path)
 
 
+def kvspeed(d, path):
+    """llama-compresskv-bench rows: decode tok/s vs depth, one line per budget (full: the whole depth in cells)."""
+    rows = [r for r in d["rows"] if r.get("ok") and r.get("decode_tps_mean")]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for b in sorted({r["budget"] or 0 for r in rows}):
+        pts = sorted((max(r["depth"], 1), r["decode_tps_mean"]) for r in rows if (r["budget"] or 0) == b)
+        label = "full cache" if b == 0 else f"{d['method']} @ {b} cells"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                color="black" if b == 0 else None)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context depth (prompt tokens)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3, which="both")
+    dev = ", ".join(x["description"] for x in d.get("devices", []) if "CPU" not in x["name"].upper()) or "CPU"
+    ax.set_title(f"Decode speed vs depth: {d['model_desc']}, {dev}\n(a compressed cache of B cells can at best "
+                 f"match the full cache at depth B)", fontsize=8)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def retention(points, model, path):
     """points: {method: [(kv fraction, score fraction), ...]}."""
     fig, ax = plt.subplots(figsize=(6.4, 4))

@@ -8,8 +8,9 @@ and the Markdown tables the README quotes.
 writes, for every needle grid (one per model), bench/plots/needle-heatmaps-<model>.png (every method x budget),
 bench/plots/needle/*.png (one per method and budget) and bench/plots/retention-<model>.png (needle score kept vs
 KV kept); bench/plots/decode-speed-<model>.png, bench/results/summary.md, bench/results/profiles.md from
-bench/results/profile-*.json, bench/results/ruler.md from bench/results/ruler-*.json and bench/results/bounded.md;
-then refreshes the README's quoted tables.
+bench/results/profile-*.json, bench/results/ruler.md from bench/results/ruler-*.json, bench/results/bounded.md, and
+bench/results/kvspeed.md + bench/plots/kvspeed-<name>.png from bench/results/kvspeed-*.json (llama-compresskv-bench,
+bench/gpu.sh); then refreshes the README's quoted tables.
 """
 import argparse
 import glob
@@ -214,6 +215,34 @@ def bounded_table(d):
     return "\n".join(out)
 
 
+def kvspeed_table(d, name):
+    """llama-compresskv-bench rows: per depth, the full cache and each budget (speed-up, compression time)."""
+    rows = [r for r in d["rows"] if r.get("ok")]
+    budgets = sorted({r["budget"] for r in rows if r["budget"]})
+    dev = ", ".join(x["description"] for x in d.get("devices", []) if "CPU" not in x["name"].upper()) or "CPU"
+    out = [f"{name}: {d['model_desc']} ({d['n_layer']} layers, {d['n_head']}/{d['n_head_kv']} heads, KV "
+           f"{d['type_k']}/{d['type_v']}), {dev}, flash attention {d['flash_attn']}, {d['n_gen']} tokens x "
+           f"{d['reps']} decoded per row, method {d['method']}; `{d.get('command', 'llama-compresskv-bench')}`"
+           + ("" if d.get("complete") else " (run interrupted: the rows finished so far)"), "",
+           "| depth | full: decode tok/s | full: prefill s | full: KV MiB | " +
+           " | ".join(f"@{b}: decode tok/s (x full) | @{b}: compression s (share of TTFT)" for b in budgets) + " |",
+           "|---" * (4 + 2 * len(budgets)) + "|"]
+    for depth in sorted({r["depth"] for r in rows}):
+        full = next((r for r in rows if r["depth"] == depth and not r["budget"]), None)
+        cells = [f"{depth}"]
+        cells += ["", "", ""] if full is None else [f"{full['decode_tps_mean']:.1f}", f"{full['prefill_s']:.2f}",
+                                                   f"{full['kv_bytes_used'] / 2 ** 20:.0f}"]
+        for b in budgets:
+            r = next((r for r in rows if r["depth"] == depth and r["budget"] == b), None)
+            if r is None:
+                cells += ["", ""]
+                continue
+            x = f" ({r['decode_tps_mean'] / full['decode_tps_mean']:.2f}x)" if full else ""
+            cells += [f"{r['decode_tps_mean']:.1f}{x}", f"{r['compress_s']:.2f} ({r['ttft_share']:.0%})"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--needle", nargs="*", help="needle grids (default: bench/results/needle-*.json, one per model)",
@@ -239,6 +268,15 @@ def main():
         if figures:
             figures.decode_speed(d, os.path.join(plots, f"decode-speed-{d['model']}.png"))
         parts.append(speed_table(d))
+    kvs = []
+    for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/kvspeed-*.json"))):
+        d = json.load(open(f))
+        name = os.path.basename(f)[len("kvspeed-"):-len(".json")]
+        if figures:
+            figures.kvspeed(d, os.path.join(plots, f"kvspeed-{name}.png"))
+        kvs.append(kvspeed_table(d, name))
+    if kvs:
+        write(os.path.join(ROOT, "bench/results/kvspeed.md"), "\n\n".join(kvs))
     write(os.path.join(ROOT, "bench/results/summary.md"), "\n\n".join(parts))
     prof = [profile_table(json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/profile-*.json")))]
     if prof:

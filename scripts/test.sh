@@ -7,5 +7,5 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/setup.sh
-scripts/build-llama.sh --targets "llama-completion llama-cli llama-server llama-compresskv-calibrate llama-quantize"
+scripts/build-llama.sh --targets "llama-completion llama-cli llama-server llama-compresskv-calibrate llama-compresskv-bench llama-quantize"
 cargo test --release --features llama "$@"

@@ -135,3 +135,96 @@ fn ruler_smoke_writes_scored_rows() {
     let summary = &d["summary"]["1024"];
     assert!(summary["full"]["mean"].as_f64().is_some() && summary["compresskv@128"]["mean"].as_f64().is_some());
 }
+
+/// The GPU speed tool's whole path on the CPU (bench/gpu.sh runs the same on a lent GPU): bench/random_gguf.py
+/// writes a 2-layer random-weight model with vocabulary type "none", `llama-compresskv-bench --check` compares
+/// the compacted cache with the masked reference on it, and the speed mode writes one row per depth and budget.
+#[test]
+fn speed_tool_checks_and_times_a_random_weight_model() {
+    let bin = root().join("vendor/build/bin/llama-compresskv-bench");
+    if !bin.exists() {
+        eprintln!(
+            "SKIP speed_tool_checks_and_times_a_random_weight_model: {} is missing \
+             (run scripts/build-llama.sh --targets llama-compresskv-bench)",
+            bin.display()
+        );
+        return;
+    }
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("random-tiny.gguf");
+    let gen = Command::new("python3")
+        .arg(root().join("bench/random_gguf.py"))
+        .args(["--shape", "tiny", "-o"])
+        .arg(&model)
+        .output()
+        .expect("run python3 bench/random_gguf.py");
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    let run = |args: &[&str], out: &PathBuf| {
+        let _ = std::fs::remove_file(out);
+        let r = Command::new(&bin)
+            .arg("-m")
+            .arg(&model)
+            .args(["-t", "2", "-o"])
+            .arg(out)
+            .args(args)
+            .output()
+            .expect("run llama-compresskv-bench");
+        let d: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
+        (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned(), d)
+    };
+
+    let out = dir.join("kvcheck-tiny.json");
+    let (ok, log, d) = run(&["--check", "-d", "1024", "-B", "64,512", "-n", "8"], &out);
+    assert!(ok, "--check failed:\n{log}");
+    assert_eq!(d["kind"], "kvcheck");
+    let rows = d["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in rows {
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["cells"], r["budget"], "{r}");
+        assert!(r["max_logit_diff"].as_f64().unwrap() < 2e-3, "{r}");
+        assert!(r["control_max_logit_diff"].as_f64().unwrap() > 1e-3, "control: {r}");
+    }
+
+    let out = dir.join("kvspeed-tiny.json");
+    let (ok, log, d) = run(&["-d", "0,300,2048", "-B", "0,256,4096", "-n", "8", "-r", "1"], &out);
+    assert!(ok, "speed run failed:\n{log}");
+    assert_eq!(d["kind"], "kvspeed");
+    assert_eq!(d["complete"], true);
+    assert_eq!(d["n_vocab"], 1024);
+    let rows = d["rows"].as_array().unwrap();
+    // full at 0, 300, 2048; 256 cells at 300 and 2048; a budget of 4096 covers every depth and is not run
+    let got: Vec<(u64, Option<u64>)> = rows
+        .iter()
+        .map(|r| (r["depth"].as_u64().unwrap(), r["budget"].as_u64()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, None),
+            (300, None),
+            (300, Some(256)),
+            (2048, None),
+            (2048, Some(256))
+        ]
+    );
+    for r in rows {
+        assert_eq!(r["ok"], true, "{r}");
+        let cells = r["cells"].as_u64().unwrap();
+        assert_eq!(
+            cells,
+            r["budget"].as_u64().unwrap_or(r["depth"].as_u64().unwrap()),
+            "{r}"
+        );
+        assert!(r["decode_tps_mean"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(
+            r["kv_bytes_used"].as_f64().unwrap() <= r["kv_bytes_alloc"].as_f64().unwrap(),
+            "{r}"
+        );
+        if r["budget"].is_u64() {
+            assert_eq!(r["compress_ret"], 0, "{r}");
+            assert!(r["compress_s"].as_f64().unwrap() > 0.0);
+        }
+    }
+}

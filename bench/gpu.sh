@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# GPU speed runs and the CUDA compaction check, as one prepared script for a lent GPU machine (no registry
+# access there, 64 MiB carried per call, minutes of device time in all).
+#
+#   bench/gpu.sh pack          here: target/gpu/ = the patched llama.cpp source (no docs, models, tests) as a
+#                              tarball + the compresskv static library (debug info stripped), ~17 MB
+#   bench/gpu.sh run           there (the device tool, carry ["target/gpu"]): unpack, build
+#                              llama-compresskv-bench with CUDA, write the random-weight 8B-shaped model
+#                              (bench/random_gguf.py), run the compaction check, then the speed grid; JSON
+#                              results and logs go to $OUT (default target/gpu/out)
+#   bench/gpu.sh collect DIR   here: copy DIR's JSON results to bench/results/ (then python3 bench/plot.py)
+#
+# Environment for run: CUDA_ARCH (default 90), DEPTHS, BUDGETS, N_GEN, SHAPE (8b; tiny for a dry run),
+# CUDA=0 (a CPU dry run of the same steps), DEVICE_NAME (the file suffix, default h200).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+cmd=${1:-}
+
+case "$cmd" in
+pack)
+  scripts/build-llama.sh --targets llama-compresskv-bench >/dev/null
+  mkdir -p target/gpu
+  tar czf target/gpu/llama-src.tar.gz -C vendor --exclude=llama.cpp/.git --exclude=llama.cpp/docs \
+      --exclude=llama.cpp/models --exclude=llama.cpp/tests --exclude=llama.cpp/benches \
+      --exclude=llama.cpp/examples --exclude=llama.cpp/tools/server/public llama.cpp
+  cp target/release/libcompresskv.a target/gpu/libcompresskv.a
+  strip --strip-debug target/gpu/libcompresskv.a
+  gzip -9 -f target/gpu/libcompresskv.a
+  git rev-parse HEAD > target/gpu/commit
+  du -b target/gpu/* | sort -n
+  du -sh target/gpu
+  ;;
+run)
+  out=${OUT:-target/gpu/out}
+  mkdir -p "$out"
+  exec > >(tee -a "$out/gpu.log") 2>&1
+  t0=$(date +%s)
+  stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+  src=target/gpu/src
+  if [ ! -f "$src/llama.cpp/CMakeLists.txt" ]; then
+    mkdir -p "$src" && tar xzf target/gpu/llama-src.tar.gz -C "$src"
+    gunzip -kf target/gpu/libcompresskv.a.gz
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/gpu.txt" || true
+  build=$src/build
+  flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+         -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF
+         -DLLAMA_COMPRESSKV=ON -DLLAMA_COMPRESSKV_DIR="$root" -DLLAMA_COMPRESSKV_LIB="$root/target/gpu/libcompresskv.a")
+  ngl=0
+  if [ "${CUDA:-1}" = 1 ]; then
+    flags+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}")
+    ngl=99
+  fi
+  stamp "configure"
+  cmake -S "$src/llama.cpp" -B "$build" "${flags[@]}" > "$out/cmake.log" 2>&1 || { tail -30 "$out/cmake.log"; exit 1; }
+  stamp "build"
+  cmake --build "$build" -j "$(nproc)" --target llama-compresskv-bench > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+  bin=$build/bin/llama-compresskv-bench
+  shape=${SHAPE:-8b}
+  model=${MODEL:-/tmp/compresskv-random-$shape.gguf}
+  stamp "model ($shape)"
+  [ -f "$model" ] || python3 bench/random_gguf.py --shape "$shape" -o "$model"
+  dev=${DEVICE_NAME:-h200}
+  [ "${CUDA:-1}" = 1 ] || dev=cpu-dry
+  stamp "compaction check"
+  "$bin" -m "$model" --check -ngl $ngl -t "$(nproc)" -d 4096 -B 256,1024 -n 16 \
+      -o "$out/kvcheck-random-$shape-$dev.json" 2>&1 | grep -v "^run: compresskv: no profile" || true
+  stamp "speed grid"
+  "$bin" -m "$model" -ngl $ngl -t "$(nproc)" -fa on -ub 2048 -n "${N_GEN:-128}" -r 2 \
+      -d "${DEPTHS:-256,1024,2048,4096,8192,16384,32768,65536,131072}" -B "${BUDGETS:-0,256,1024,2048}" \
+      -o "$out/kvspeed-random-$shape-$dev.json" 2>&1 | grep -v "^run: compresskv: no profile" || true
+  stamp "done"
+  ;;
+collect)
+  dir=${2:?collect DIR}
+  for f in "$dir"/kvspeed-*.json "$dir"/kvcheck-*.json; do
+    [ -f "$f" ] || continue
+    python3 - "$f" "$(cat target/gpu/commit 2>/dev/null || git rev-parse HEAD)" <<'EOF'
+import json, os, sys
+d = json.load(open(sys.argv[1]))
+d["commit"] = sys.argv[2]
+d["command"] = "bench/gpu.sh run (on the lent GPU machine; bench/gpu.sh pack here first)"
+json.dump(d, open(os.path.join("bench/results", os.path.basename(sys.argv[1])), "w"), indent=1)
+EOF
+    echo "bench/results/$(basename "$f")"
+  done
+  ;;
+*)
+  sed -n '2,16p' "$0"; exit 2 ;;
+esac
