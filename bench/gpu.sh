@@ -4,14 +4,18 @@
 #
 #   bench/gpu.sh pack          here: target/gpu/ = the patched llama.cpp source (no docs, models, tests) as a
 #                              tarball + the compresskv static library (debug info stripped), ~17 MB
-#   bench/gpu.sh run           there (the device tool, carry ["target/gpu"]): unpack, build
+#   bench/gpu.sh run           there (the device tool; carry the three packed files: target/gpu/llama-src.tar.gz,
+#                              target/gpu/libcompresskv.a.gz, target/gpu/commit, not target/gpu): unpack, build
 #                              llama-compresskv-bench with CUDA, write the random-weight 8B-shaped model
 #                              (bench/random_gguf.py), run the compaction check, then the speed grid; JSON
 #                              results and logs go to $OUT (default target/gpu/out)
 #   bench/gpu.sh collect DIR   here: copy DIR's JSON results to bench/results/ (then python3 bench/plot.py)
 #
 # Environment for run: CUDA_ARCH (default 90), DEPTHS, BUDGETS, N_GEN, SHAPE (8b; tiny for a dry run),
-# CUDA=0 (a CPU dry run of the same steps), DEVICE_NAME (the file suffix, default h200).
+# CUDA=0 (a CPU dry run of the same steps), DEVICE_NAME (the file suffix, default h200), DEADLINE (seconds
+# after the start by which the speed grid stops so that its rows are copied out, default 560).
+# Resumable on a machine that stays warm: the build, the model and the rows done are kept under target/gpu/
+# (the speed tool skips the rows its JSON already holds), so run it again to go on.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -28,8 +32,7 @@ pack)
   strip --strip-debug target/gpu/libcompresskv.a
   gzip -9 -f target/gpu/libcompresskv.a
   git rev-parse HEAD > target/gpu/commit
-  du -b target/gpu/* | sort -n
-  du -sh target/gpu
+  du -bc target/gpu/llama-src.tar.gz target/gpu/libcompresskv.a.gz target/gpu/commit  # what travels
   ;;
 run)
   out=${OUT:-target/gpu/out}
@@ -38,9 +41,11 @@ run)
   t0=$(date +%s)
   stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
   src=target/gpu/src
-  if [ ! -f "$src/llama.cpp/CMakeLists.txt" ]; then
-    mkdir -p "$src" && tar xzf target/gpu/llama-src.tar.gz -C "$src"
+  sum=$(cat target/gpu/llama-src.tar.gz target/gpu/libcompresskv.a.gz | sha256sum | cut -c1-16)
+  if [ "$(cat "$src/.packed" 2>/dev/null)" != "$sum" ]; then  # a new pack: unpack again (the build dir stays)
+    rm -rf "$src/llama.cpp" && mkdir -p "$src" && tar xzf target/gpu/llama-src.tar.gz -C "$src"
     gunzip -kf target/gpu/libcompresskv.a.gz
+    echo "$sum" > "$src/.packed"
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/gpu.txt" || true
   build=$src/build
@@ -63,14 +68,23 @@ run)
   [ -f "$model" ] || python3 bench/random_gguf.py --shape "$shape" -o "$model"
   dev=${DEVICE_NAME:-h200}
   [ "${CUDA:-1}" = 1 ] || dev=cpu-dry
-  stamp "compaction check"
-  "$bin" -m "$model" --check -ngl $ngl -t "$(nproc)" -d 4096 -B 256,1024 -n 16 \
-      -o "$out/kvcheck-random-$shape-$dev.json" 2>&1 | grep -v "^run: compresskv: no profile" || true
-  stamp "speed grid"
-  "$bin" -m "$model" -ngl $ngl -t "$(nproc)" -fa on -ub 2048 -n "${N_GEN:-128}" -r 2 \
-      -d "${DEPTHS:-256,1024,2048,4096,8192,16384,32768,65536,131072}" -B "${BUDGETS:-0,256,1024,2048}" \
-      -o "$out/kvspeed-random-$shape-$dev.json" 2>&1 | grep -v "^run: compresskv: no profile" || true
-  stamp "done"
+  res=target/gpu/results
+  mkdir -p "$res"
+  quiet() { grep -v "^run: compresskv: no profile" || true; }
+  if [ ! -f "$res/kvcheck-random-$shape-$dev.json" ]; then
+    stamp "compaction check"
+    "$bin" -m "$model" --check -ngl $ngl -t "$(nproc)" -d 4096 -B 256,1024 -n 16 \
+        -o "$res/kvcheck-random-$shape-$dev.json" 2>&1 | quiet
+  fi
+  left=$(( ${DEADLINE:-560} - ($(date +%s) - t0) ))
+  stamp "speed grid ($left s left)"
+  if [ $left -gt 10 ]; then
+    timeout --signal=INT "$left" "$bin" -m "$model" -ngl $ngl -t "$(nproc)" -fa on -ub 2048 -n "${N_GEN:-128}" -r 2 \
+        -d "${DEPTHS:-256,1024,2048,4096,8192,16384,32768,65536,131072}" -B "${BUDGETS:-0,256,1024,2048}" \
+        -o "$res/kvspeed-random-$shape-$dev.json" 2>&1 | quiet
+  fi
+  cp "$res"/*.json "$out"/
+  stamp "done: $(ls "$out"/*.json | tr '\n' ' ')"
   ;;
 collect)
   dir=${2:?collect DIR}
@@ -87,5 +101,5 @@ EOF
   done
   ;;
 *)
-  sed -n '2,16p' "$0"; exit 2 ;;
+  sed -n '2,19p' "$0"; exit 2 ;;
 esac
