@@ -133,7 +133,9 @@ def kvspeed(d, path):
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3, which="both")
     dev = ", ".join(x["description"] for x in d.get("devices", []) if "CPU" not in x["name"].upper()) or "CPU"
-    ax.set_title(f"Decode speed vs depth: {d['model_desc']}, {dev}\n(a compressed cache of B cells can at best "
+    if dev == "CPU" and d.get("machine"):
+        dev = f"{d['machine'].get('host_cpu', 'CPU')[:32]}, {d['threads']} threads"
+    ax.set_title(f"Decode speed vs depth: {os.path.basename(d['model_path'])}, {dev}\n(a compressed cache of B cells can at best "
                  f"match the full cache at depth B)", fontsize=8)
     ax.legend(fontsize=8)
     _save(fig, path)

@@ -10,12 +10,16 @@ the model; nothing is estimated.
              lines (prompt and decode tokens/s)  ->  bench/results/needle-<model>-<device>.json
     speed:   for each context length: full cache vs each method at one budget, a fixed number of decoded
              tokens (--ignore-eos)  ->  bench/results/speed-<model>-<device>.json
+    kvspeed: decode tok/s by context depth, the full cache and each budget, on random tokens through
+             llama-compresskv-bench (prefill, compress, time the decode; resumable)
+             ->  bench/results/kvspeed-<model>-cpu.json (the GPU runs: bench/gpu.sh)
 
 Then `python3 bench/plot.py` draws the SVG plots under bench/plots/ from those files.
 
     python3 bench/harness.py needle [--model smollm2] [--chars 6000,14000] [--depths 0.1,0.3,0.5,0.7,0.9]
                                     [--budgets 128,256] [--methods ...]
     python3 bench/harness.py speed  [--model smollm2] [--tokens 1024,2048,4096,8192] [--budget 256]
+    python3 bench/harness.py kvspeed [--model smollm2] [--depths 256,1024,2048,4096,8000] [--budgets 0,256,1024,2048]
     python3 bench/harness.py bounded [--model smollm2] [--chars 26000] [--budget 512]
              [--configs full,oneshot,question@2048,recent@2048,question@4096]
              prompts longer than the context: the full cache (large -c) vs compressing whenever the cache
@@ -402,10 +406,28 @@ def write(path, obj):
     print("wrote", path)
 
 
+def kvspeed_cmd(args):
+    """llama-compresskv-bench on a fetched model; the JSON it writes gains the commit, machine and checksum."""
+    model = sh(os.path.join(ROOT, "scripts/fetch-model.sh"), args.model)
+    tool = os.path.join(os.path.dirname(args.bin), "llama-compresskv-bench")
+    if not os.path.exists(tool):
+        sys.exit(f"{tool} is missing: run scripts/build-llama.sh --targets llama-compresskv-bench")
+    out = args.out or os.path.join(ROOT, f"bench/results/kvspeed-{args.model}-cpu.json")
+    cmd = [tool, "-m", model, "-o", out, "-t", str(args.threads), "-d", args.depths, "-B", args.budgets,
+           "-n", str(args.n_gen), "-r", str(args.reps), "--method", args.method] + args.extra.split()
+    rc = subprocess.call(cmd)
+    d = json.load(open(out))
+    d.update({"model": args.model, "model_path": os.path.basename(model), "model_sha256": file_sha256(model),
+              "commit": git_commit(), "machine": machine(), "command": " ".join(["bench/harness.py"] + sys.argv[1:])})
+    write(out, d)
+    if rc != 0:
+        sys.exit(f"llama-compresskv-bench exited with {rc}: the rows done are in {out}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("needle", "speed", "bounded"):
+    for name in ("needle", "speed", "bounded", "kvspeed"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="smollm2", help="a name known to scripts/fetch-model.sh")
         p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -421,6 +443,13 @@ def main():
             p.add_argument("--full", action="store_true", help="the whole grid: " + str(FULL_GRID))
             p.add_argument("--share", action=argparse.BooleanOptionalAction, default=True,
                            help="prefill each prompt once for every compressed run (default; --no-share: per run)")
+        elif name == "kvspeed":
+            p.add_argument("--depths", default="256,1024,2048,4096,8000")
+            p.add_argument("--budgets", default="0,256,1024,2048", help="0: the full cache")
+            p.add_argument("--n-gen", type=int, default=64)
+            p.add_argument("--reps", type=int, default=2)
+            p.add_argument("--method", default="compresskv")
+            p.add_argument("--bin", default=os.environ.get("COMPRESSKV_BIN", os.path.join(ROOT, "vendor/build/bin/llama-completion")))
         elif name == "bounded":
             p.add_argument("--chars", default="26000")
             p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
@@ -435,7 +464,7 @@ def main():
             p.add_argument("--methods", default="full,compresskv")
             p.add_argument("--n-predict", type=int, default=128)
     args = ap.parse_args()
-    {"needle": needle_cmd, "speed": speed_cmd, "bounded": bounded_cmd}[args.cmd](args)
+    {"needle": needle_cmd, "speed": speed_cmd, "bounded": bounded_cmd, "kvspeed": kvspeed_cmd}[args.cmd](args)
 
 
 if __name__ == "__main__":

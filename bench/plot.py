@@ -220,7 +220,9 @@ def kvspeed_table(d, name):
     rows = [r for r in d["rows"] if r.get("ok")]
     budgets = sorted({r["budget"] for r in rows if r["budget"]})
     dev = ", ".join(x["description"] for x in d.get("devices", []) if "CPU" not in x["name"].upper()) or "CPU"
-    out = [f"{name}: {d['model_desc']} ({d['n_layer']} layers, {d['n_head']}/{d['n_head_kv']} heads, KV "
+    if "CPU" == dev and d.get("machine"):
+        dev = f"{d['machine'].get('host_cpu', 'CPU')}, {d['threads']} threads"
+    out = [f"{d.get('model', name)}: {os.path.basename(d['model_path'])} ({d['model_desc']}, {d['n_layer']} layers, {d['n_head']}/{d['n_head_kv']} heads, KV "
            f"{d['type_k']}/{d['type_v']}), {dev}, flash attention {d['flash_attn']}, {d['n_gen']} tokens x "
            f"{d['reps']} decoded per row, method {d['method']}; `{d.get('command', 'llama-compresskv-bench')}`"
            + ("" if d.get("complete") else " (run interrupted: the rows finished so far)"), "",
