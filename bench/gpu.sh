@@ -40,6 +40,13 @@ run)
   exec > >(tee -a "$out/gpu.log") 2>&1
   t0=$(date +%s)
   stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+  for t in cmake python3 timeout; do  # fail before the build, not after it
+    command -v $t >/dev/null || { echo "gpu.sh: $t not found on this machine" >&2; exit 1; }
+  done
+  if [ "${CUDA:-1}" = 1 ] && ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then
+    echo "gpu.sh: nvcc not found (CUDA toolkit); CUDA=0 runs on the CPU" >&2; exit 1
+  fi
+  if [ -x /usr/local/cuda/bin/nvcc ]; then export PATH="$PATH:/usr/local/cuda/bin"; fi
   src=target/gpu/src
   sum=$(cat target/gpu/llama-src.tar.gz target/gpu/libcompresskv.a.gz | sha256sum | cut -c1-16)
   if [ "$(cat "$src/.packed" 2>/dev/null)" != "$sum" ]; then  # a new pack: unpack again (the build dir stays)
