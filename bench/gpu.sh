@@ -11,7 +11,8 @@
 #                              results and logs go to $OUT (default target/gpu/out)
 #   bench/gpu.sh collect DIR   here: copy DIR's JSON results to bench/results/ (then python3 bench/plot.py)
 #
-# Environment for run: CUDA_ARCH (default 90), DEPTHS, BUDGETS, N_GEN, SHAPE (8b; tiny for a dry run),
+# Environment for run: CUDA_ARCH (default 90), DEPTHS (default 256,1024,2048,8192,32768,131072 first, then
+# 4096,16384,65536: a deadline still leaves the whole range), BUDGETS (default 0,256,1024,2048), N_GEN, SHAPE (8b; tiny for a dry run),
 # CUDA=0 (a CPU dry run of the same steps), DEVICE_NAME (the file suffix, default h200), DEADLINE (seconds
 # after the start by which the speed grid stops so that its rows are copied out, default 560).
 # Resumable on a machine that stays warm: the build, the model and the rows done are kept under target/gpu/
@@ -87,7 +88,7 @@ run)
   stamp "speed grid ($left s left)"
   if [ $left -gt 10 ]; then
     timeout --signal=INT "$left" "$bin" -m "$model" -ngl $ngl -t "$(nproc)" -fa on -ub 2048 -n "${N_GEN:-128}" -r 2 \
-        -d "${DEPTHS:-256,1024,2048,4096,8192,16384,32768,65536,131072}" -B "${BUDGETS:-0,256,1024,2048}" \
+        -d "${DEPTHS:-256,1024,2048,8192,32768,131072,4096,16384,65536}" -B "${BUDGETS:-0,256,1024,2048}" \
         -o "$res/kvspeed-random-$shape-$dev.json" 2>&1 | quiet
   fi
   cp "$res"/*.json "$out"/

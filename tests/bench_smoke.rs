@@ -224,6 +224,8 @@ fn speed_tool_checks_and_times_a_random_weight_model() {
         );
         if r["budget"].is_u64() {
             assert_eq!(r["compress_ret"], 0, "{r}");
+            // the depth's prefill ran once (the full row); this row restored it from host memory
+            assert_eq!(r["prefill_shared"], true, "{r}");
             assert!(r["compress_s"].as_f64().unwrap() > 0.0);
         }
     }
