@@ -118,7 +118,7 @@ def decode_speed(d, path):
     _save(fig, path)
 
 
-def kvspeed(d, path):
+def kvspeed(d, dev, path):
     """llama-compresskv-bench rows: decode tok/s vs depth, one line per budget (full: the whole depth in cells)."""
     rows = [r for r in d["rows"] if r.get("ok") and r.get("decode_tps_mean")]
     fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -132,9 +132,6 @@ def kvspeed(d, path):
     ax.set_ylabel("decode tokens/s")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3, which="both")
-    dev = ", ".join(x["description"] for x in d.get("devices", []) if "CPU" not in x["name"].upper()) or "CPU"
-    if dev == "CPU" and d.get("machine"):
-        dev = f"{d['machine'].get('host_cpu', 'CPU')[:32]}, {d['threads']} threads"
     ax.set_title(f"Decode speed vs depth: {os.path.basename(d['model_path'])}, {dev}\n(a compressed cache of B cells can at best "
                  f"match the full cache at depth B)", fontsize=8)
     ax.legend(fontsize=8)

@@ -417,7 +417,7 @@ def kvspeed_cmd(args):
            "-n", str(args.n_gen), "-r", str(args.reps), "--method", args.method] + args.extra.split()
     rc = subprocess.call(cmd)
     d = json.load(open(out))
-    d.update({"model": args.model, "model_path": os.path.basename(model), "model_sha256": file_sha256(model),
+    d.update({"model": args.model, "model_sha256": file_sha256(model),
               "commit": git_commit(), "machine": machine(), "command": " ".join(["bench/harness.py"] + sys.argv[1:])})
     write(out, d)
     if rc != 0:

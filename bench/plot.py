@@ -215,13 +215,17 @@ def bounded_table(d):
     return "\n".join(out)
 
 
+def kvspeed_device(d):
+    """Where a llama-compresskv-bench run ran: its GPUs, else the host CPU and threads."""
+    gpus = ", ".join(x["description"] for x in d.get("devices", []) if "CPU" not in x["name"].upper())
+    return gpus or f"{d.get('machine', {}).get('host_cpu', 'CPU')}, {d['threads']} threads"
+
+
 def kvspeed_table(d, name):
     """llama-compresskv-bench rows: per depth, the full cache and each budget (speed-up, compression time)."""
     rows = [r for r in d["rows"] if r.get("ok")]
     budgets = sorted({r["budget"] for r in rows if r["budget"]})
-    dev = ", ".join(x["description"] for x in d.get("devices", []) if "CPU" not in x["name"].upper()) or "CPU"
-    if "CPU" == dev and d.get("machine"):
-        dev = f"{d['machine'].get('host_cpu', 'CPU')}, {d['threads']} threads"
+    dev = kvspeed_device(d)
     out = [f"{d.get('model', name)}: {os.path.basename(d['model_path'])} ({d['model_desc']}, {d['n_layer']} layers, {d['n_head']}/{d['n_head_kv']} heads, KV "
            f"{d['type_k']}/{d['type_v']}), {dev}, flash attention {d['flash_attn']}, {d['n_gen']} tokens x "
            f"{d['reps']} decoded per row, method {d['method']}; `{d.get('command', 'llama-compresskv-bench')}`"
@@ -275,7 +279,7 @@ def main():
         d = json.load(open(f))
         name = os.path.basename(f)[len("kvspeed-"):-len(".json")]
         if figures:
-            figures.kvspeed(d, os.path.join(plots, f"kvspeed-{name}.png"))
+            figures.kvspeed(d, kvspeed_device(d), os.path.join(plots, f"kvspeed-{name}.png"))
         kvs.append(kvspeed_table(d, name))
     if kvs:
         write(os.path.join(ROOT, "bench/results/kvspeed.md"), "\n\n".join(kvs))

@@ -18,6 +18,7 @@ numpy, which llama.cpp's gguf-py needs.
 """
 import argparse
 import os
+import random
 import struct
 import sys
 
@@ -107,34 +108,23 @@ def write(path, s, scale, seed):
     head += b"\0" * (pad(len(head)) - len(head))
 
     d = struct.pack("<e", scale)
-    rnd = (seed.to_bytes(8, "little") * 2)  # deterministic filler: xorshift over the seed, no random module state
-    x = int.from_bytes(rnd, "little") | 1
-    qs = bytearray(16 * CHUNK_BLOCKS)
-    for i in range(0, len(qs), 8):
-        x ^= (x << 13) & (2**128 - 1)
-        x ^= x >> 7
-        x ^= (x << 17) & (2**128 - 1)
-        qs[i:i + 8] = (x & (2**64 - 1)).to_bytes(8, "little")
-    chunk = b"".join(d + bytes(qs[16 * i:16 * i + 16]) for i in range(CHUNK_BLOCKS))
+    qs = random.Random(seed).randbytes(16 * CHUNK_BLOCKS)
+    chunk = b"".join(d + qs[16 * i:16 * i + 16] for i in range(CHUNK_BLOCKS))
     ones = struct.pack("<f", 1.0)
 
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(head)
         pos = 0
-        for (name, dims, t), _ in zip(ts, infos):
+        for _, dims, t in ts:
             n = nbytes(dims, t)
             if t == T_F32:
                 f.write(ones * (n // 4))
             else:
-                left = n
-                while left:
-                    k = min(left, len(chunk))
-                    f.write(chunk[:k])
-                    left -= k
-            pos += n
-            f.write(b"\0" * (pad(pos) - pos))
-            pos = pad(pos)
+                for k in range(0, n, len(chunk)):
+                    f.write(chunk[:min(len(chunk), n - k)])
+            pos = pad(pos + n)
+            f.write(b"\0" * (pad(n) - n))
     os.replace(tmp, path)
     return len(head) + pos
 
