@@ -401,8 +401,10 @@ def bounded_cmd(args):
 def write(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     obj["date"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
+    os.replace(tmp, path)  # a run killed mid-write leaves the last whole file, which resume reads
     print("wrote", path)
 
 
