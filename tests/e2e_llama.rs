@@ -297,6 +297,38 @@ fn context_compressed_with_a_probe_saves_and_takes_its_question_later() {
         "{}",
         second.log
     );
+
+    // a context whose last token merges with what follows (here it ends inside "Question": "Qu" and then
+    // "estion" tokenize as one token; Qwen's ".\n" does the same at a sentence end): the loading run matches all
+    // but the saved last token, and upstream would cut the cache before that one to replay it, inside the
+    // compressed prompt, which the cache refuses. Cut after the match instead: the compressed context is kept
+    // and the question is decoded into it, with no full prefill
+    let context_merge = tmpdir().join("agnostic-context-merge.txt");
+    std::fs::write(&context_merge, &text[..q + "\n\nQu".len()]).unwrap();
+    let session_merge = tmpdir().join("session-agnostic-merge.bin");
+    let _ = std::fs::remove_file(&session_merge);
+    let s_merge = session_merge.to_str().unwrap();
+    let first_merge = run(
+        &context_merge,
+        &[&PROBE_256[..], &["--prompt-cache", s_merge]].concat(),
+        "agnostic-merge-1",
+    );
+    assert!(first_merge.ok, "{}", first_merge.log);
+    assert_eq!(first_merge.stats.len(), 1, "{}", first_merge.log);
+    let second_merge = run(
+        prompt_35k(),
+        &["--prompt-cache", s_merge, "--prompt-cache-ro"],
+        "agnostic-merge-2",
+    );
+    assert!(second_merge.ok, "{}", second_merge.log);
+    assert!(
+        second_merge.log.contains("is cut after its")
+            && second_merge.log.contains("is compressed")
+            && !second_merge.log.contains("unable to reuse common prefix"),
+        "the compressed context must be cut after its match and extended:\n{}",
+        second_merge.log
+    );
+    assert!(!second_merge.answer.trim().is_empty(), "{}", second_merge.log);
 }
 
 #[test]
