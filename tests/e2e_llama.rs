@@ -262,19 +262,24 @@ fn probe_text_scores_the_prompt_and_leaves_the_prompt_logits() {
 fn context_compressed_with_a_probe_saves_and_takes_its_question_later() {
     let text = std::fs::read_to_string(prompt_35k()).unwrap();
     let q = text.rfind("\n\nQuestion:").expect("the needle question");
-    let context = tmpdir().join("agnostic-context.txt");
-    std::fs::write(&context, &text[..q]).unwrap();
-    let session = tmpdir().join("session-agnostic.bin");
-    let _ = std::fs::remove_file(&session);
-    let s = session.to_str().unwrap();
+    // the context text[..end] alone, compressed with a probe and saved: its run, and the session's path
+    let save_context = |end: usize, tag: &str| {
+        let context = tmpdir().join(format!("{tag}-context.txt"));
+        std::fs::write(&context, &text[..end]).unwrap();
+        let session = tmpdir().join(format!("{tag}-session.bin"));
+        let _ = std::fs::remove_file(&session);
+        let r = run(
+            &context,
+            &[&PROBE_256[..], &["--prompt-cache", session.to_str().unwrap()]].concat(),
+            &format!("{tag}-1"),
+        );
+        assert!(r.ok, "{}", r.log);
+        assert_eq!(r.stats.len(), 1, "{}", r.log);
+        (r, session)
+    };
 
-    let first = run(
-        &context,
-        &[&PROBE_256[..], &["--prompt-cache", s]].concat(),
-        "agnostic-1",
-    );
-    assert!(first.ok, "{}", first.log);
-    assert_eq!(first.stats.len(), 1, "{}", first.log);
+    let (first, session) = save_context(q, "agnostic");
+    let s = session.to_str().unwrap();
     let st = &first.stats[0];
     assert_eq!(st["window"]["anchor"], "probe", "{st}");
     assert!(st["cells_after"].as_u64().unwrap() <= 256, "{st}");
@@ -303,18 +308,8 @@ fn context_compressed_with_a_probe_saves_and_takes_its_question_later() {
     // but the saved last token, and upstream would cut the cache before that one to replay it, inside the
     // compressed prompt, which the cache refuses. Cut after the match instead: the compressed context is kept
     // and the question is decoded into it, with no full prefill
-    let context_merge = tmpdir().join("agnostic-context-merge.txt");
-    std::fs::write(&context_merge, &text[..q + "\n\nQu".len()]).unwrap();
-    let session_merge = tmpdir().join("session-agnostic-merge.bin");
-    let _ = std::fs::remove_file(&session_merge);
+    let (_, session_merge) = save_context(q + "\n\nQu".len(), "agnostic-merge");
     let s_merge = session_merge.to_str().unwrap();
-    let first_merge = run(
-        &context_merge,
-        &[&PROBE_256[..], &["--prompt-cache", s_merge]].concat(),
-        "agnostic-merge-1",
-    );
-    assert!(first_merge.ok, "{}", first_merge.log);
-    assert_eq!(first_merge.stats.len(), 1, "{}", first_merge.log);
     let second_merge = run(
         prompt_35k(),
         &["--prompt-cache", s_merge, "--prompt-cache-ro"],
