@@ -93,7 +93,8 @@ def main():
 
     out = args.out or os.path.join(ROOT, f"bench/results/default-path-{args.model}-cpu.json")
     harness.write(out, {"kind": "default-path", "model": args.model, "model_path": os.path.basename(model),
-                        "commit": harness.git_commit(), "machine": harness.machine(), "threads": args.threads,
+                        "model_sha256": harness.file_sha256(model), "commit": harness.git_commit(),
+                        "machine": harness.machine(), "threads": args.threads,
                         "llama_bench": "-p 512 -n 64 -r 1, repeated --reps times alternately",
                         "command": " ".join(sys.argv), "outputs": outputs, "speed": speed,
                         "speed_ratio_on_over_off": ratio,

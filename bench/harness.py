@@ -58,6 +58,9 @@ METHODS = {
     "compresskv-exact": ["--compresskv", "--compresskv-form", "exact"],      # SRHs + weighted budgets, exact form
     # the paper's accounting: the budget is the average over layers, the cache holds the largest layer budget
     "compresskv-avg": ["--compresskv", "--compresskv-form", "exact", "--compresskv-budget-avg"],
+    # our defaults with another span length (--compresskv-chunk, default 32; 0 = single tokens)
+    "compresskv-k16": ["--compresskv", "--compresskv-chunk", "16"],
+    "compresskv-k0": ["--compresskv", "--compresskv-chunk", "0"],
 }
 
 
@@ -333,7 +336,8 @@ def speed_cmd(args):
                   f"cells {row.get('cells_after')}", flush=True)
     out = args.out or os.path.join(ROOT, f"bench/results/speed-{args.model}-cpu.json")
     write(out, {"kind": "speed", "model": args.model, "model_path": os.path.basename(r.model),
-                "machine": machine(), "threads": args.threads, "n_predict": args.n_predict,
+                "model_sha256": file_sha256(r.model), "commit": git_commit(), "machine": machine(),
+                "threads": args.threads, "n_predict": args.n_predict,
                 "budget": args.budget, "extra_flags": r.extra, "command": " ".join(sys.argv), "rows": rows})
 
 
@@ -360,6 +364,7 @@ def bounded_cmd(args):
                     if x.get("ok") and x["config"] in configs]
             print(f"resuming: {len(rows)} rows in {out}", flush=True)
     done = {(x["chars"], x["depth"], x["config"]) for x in rows}
+    model_sha256 = file_sha256(r.model)
 
     def save(complete):
         summary = {}
@@ -371,7 +376,8 @@ def bounded_cmd(args):
                               "kv_alloc_mib": max((x["kv_alloc_mib"] or 0) for x in sel),
                               "cells_occupied_max": max(x.get("cells_after_max") or x.get("n_prompt") or 0 for x in sel)}
         write(out, {"kind": "bounded", "model": args.model, "model_path": os.path.basename(r.model),
-                    "machine": machine(), "threads": args.threads, "n_predict": args.n_predict, "budget": args.budget,
+                    "model_sha256": model_sha256, "machine": machine(), "threads": args.threads,
+                    "n_predict": args.n_predict, "budget": args.budget,
                     "ctx_full": args.ctx_full, "configs": {c: BOUNDED[c.split("@")[0]] for c in configs},
                     "extra_flags": r.extra, "commit": git_commit(), "complete": complete, "command": " ".join(sys.argv),
                     "rows": rows, "summary": summary})

@@ -744,7 +744,8 @@ def main():
         prev = json.load(open(out))
         if prev.get("kind") == "ruler" and prev.get("model") == args.model and \
                 prev.get("placement", "aware") == args.placement:
-            rows = [r for r in prev["rows"] if r.get("ok")]
+            # each row keeps the commit it was measured at (rows written before rows carried one: the file's)
+            rows = [dict(r, commit=r.get("commit", prev.get("commit"))) for r in prev["rows"] if r.get("ok")]
             print(f"resuming: {len(rows)} rows in {out}", flush=True)
     done = {(r["task"], r["length"], r["sample"], r["method"], r["budget"]) for r in rows}
     meta = {"kind": "ruler", "model": args.model, "model_path": os.path.basename(model),
@@ -804,7 +805,7 @@ def main():
                 row = llama.run(smp.text, flags, smp.gen, run_ctx, session=sess)
             kind = TASKS[task][0]
             row.update({"task": task, "length": length, "sample": s, "method": method, "budget": budget,
-                        "threads": llama.threads, "ctx": run_ctx,
+                        "threads": llama.threads, "ctx": run_ctx, "commit": meta["commit"],
                         "n_prompt_counted": smp.n_tokens, "haystack": smp.size, "expected": smp.answers,
                         "score": score(row["answer"], smp.answers, TEMPLATES[kind]["metric"]),
                         "metric": "string_match_" + TEMPLATES[kind]["metric"]})
