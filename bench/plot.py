@@ -228,7 +228,9 @@ def kvspeed_table(d, name):
     dev = kvspeed_device(d)
     out = [f"{d.get('model', name)}: {os.path.basename(d['model_path'])} ({d['model_desc']}, {d['n_layer']} layers, {d['n_head']}/{d['n_head_kv']} heads, KV "
            f"{d['type_k']}/{d['type_v']}), {dev}, flash attention {d['flash_attn']}, {d['n_gen']} tokens x "
-           f"{d['reps']} decoded per row, method {d['method']}; `{d.get('command', 'llama-compresskv-bench')}`"
+           f"{d['reps']} decoded per row, method {d['method']}, depths run in the order "
+           f"{', '.join(map(str, dict.fromkeys(r['depth'] for r in d['rows'])))}; "
+           f"`{d.get('command', 'llama-compresskv-bench')}`"
            + ("" if d.get("complete") else " (run interrupted: the rows finished so far)"), "",
            "| depth | full: decode tok/s | full: prefill s | full: KV MiB | " +
            " | ".join(f"@{b}: decode tok/s (x full) | @{b}: compression s (share of TTFT)" for b in budgets) + " |",
@@ -275,7 +277,8 @@ def main():
             figures.decode_speed(d, os.path.join(plots, f"decode-speed-{d['model']}.png"))
         parts.append(speed_table(d))
     kvs = []
-    for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/kvspeed-*.json"))):
+    # by name without ".json", so that a run (kvspeed-X) comes before its variants (kvspeed-X-reversed)
+    for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/kvspeed-*.json")), key=lambda f: f[:-len(".json")]):
         d = json.load(open(f))
         name = os.path.basename(f)[len("kvspeed-"):-len(".json")]
         if figures:
