@@ -79,20 +79,23 @@ run)
   res=target/gpu/results
   mkdir -p "$res"
   quiet() { grep -v "^run: compresskv: no profile" || true; }
+  check_rc=0
   if [ ! -f "$res/kvcheck-random-$shape-$dev.json" ]; then
     stamp "compaction check"
+    # a failed check is reported (its JSON and the exit code) but does not cost the speed grid its device time
     "$bin" -m "$model" --check -ngl $ngl -t "$(nproc)" -d 4096 -B 256,1024 -n 16 \
-        -o "$res/kvcheck-random-$shape-$dev.json" 2>&1 | quiet
+        -o "$res/kvcheck-random-$shape-$dev.json" 2>&1 | quiet || { check_rc=$?; stamp "compaction check FAILED"; }
   fi
   left=$(( ${DEADLINE:-560} - ($(date +%s) - t0) ))
   stamp "speed grid ($left s left)"
   if [ $left -gt 10 ]; then
     timeout --signal=INT "$left" "$bin" -m "$model" -ngl $ngl -t "$(nproc)" -fa on -ub 2048 -n "${N_GEN:-128}" -r 2 \
         -d "${DEPTHS:-256,1024,2048,8192,32768,131072,4096,16384,65536}" -B "${BUDGETS:-0,256,1024,2048}" \
-        -o "$res/kvspeed-random-$shape-$dev.json" 2>&1 | quiet
+        -o "$res/kvspeed-random-$shape-$dev.json" 2>&1 | quiet || stamp "speed grid stopped (rc $?): its rows so far are kept"
   fi
   cp "$res"/*.json "$out"/
   stamp "done: $(ls "$out"/*.json | tr '\n' ' ')"
+  exit $check_rc
   ;;
 collect)
   dir=${2:?collect DIR}
