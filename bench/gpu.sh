@@ -101,10 +101,14 @@ collect)
   dir=${2:?collect DIR}
   for f in "$dir"/kvspeed-*.json "$dir"/kvcheck-*.json; do
     [ -f "$f" ] || continue
-    python3 - "$f" "$(cat target/gpu/commit 2>/dev/null || git rev-parse HEAD)" <<'EOF'
+    python3 - "$f" "$(cat target/gpu/commit 2>/dev/null || git rev-parse HEAD)" "$dir/gpu.txt" <<'EOF'
 import json, os, sys
 d = json.load(open(sys.argv[1]))
 d["commit"] = sys.argv[2]
+# the machine, as the CPU runs record it: nvidia-smi's line (name, memory, driver) and the host CPU
+gpu = open(sys.argv[3]).read().strip() if os.path.exists(sys.argv[3]) else None
+cpu = next((x["description"] for x in d.get("devices", []) if x["name"] == "CPU"), None)
+d["machine"] = {"gpu": gpu, "host_cpu": cpu, "threads": d.get("threads")}
 d["command"] = "bench/gpu.sh run (on the lent GPU machine; bench/gpu.sh pack here first)"
 json.dump(d, open(os.path.join("bench/results", os.path.basename(sys.argv[1])), "w"), indent=1)
 EOF
