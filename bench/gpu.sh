@@ -105,10 +105,11 @@ collect)
 import json, os, sys
 d = json.load(open(sys.argv[1]))
 d["commit"] = sys.argv[2]
-# the machine, as the CPU runs record it: nvidia-smi's line (name, memory, driver) and the host CPU
+# the machine, as the CPU runs record it: nvidia-smi's line (name, memory, driver) and the host CPU (the run's
+# "threads" is already in d)
 gpu = open(sys.argv[3]).read().strip() if os.path.exists(sys.argv[3]) else None
 cpu = next((x["description"] for x in d.get("devices", []) if x["name"] == "CPU"), None)
-d["machine"] = {"gpu": gpu, "host_cpu": cpu, "threads": d.get("threads")}
+d["machine"] = {"gpu": gpu, "host_cpu": cpu}
 d["command"] = "bench/gpu.sh run (on the lent GPU machine; bench/gpu.sh pack here first)"
 json.dump(d, open(os.path.join("bench/results", os.path.basename(sys.argv[1])), "w"), indent=1)
 EOF
