@@ -1,0 +1,241 @@
+//! The calibration tool, the shipped profile found by fingerprint, and llama-server.
+
+use super::*;
+
+fn calibrate_bin() -> PathBuf {
+    let bin = bin_dir().join("llama-compresskv-calibrate");
+    assert!(
+        bin.exists(),
+        "{} is missing: run scripts/build-llama.sh --targets llama-compresskv-calibrate (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The calibration tool on a tiny grid (three ~500-token needle probes, one held-out QA sample): it writes a
+/// profile the library accepts for this model, and a second run resumes from the state file, redoes
+/// nothing and writes the same bytes (deterministic).
+#[test]
+fn calibration_tool_writes_a_valid_profile_and_resumes() {
+    let dir = tmpdir().join("calib");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ruler = script_output("scripts/fetch-data.sh", &["ruler"]);
+    let out = Command::new("python3")
+        .arg(root().join("scripts/calib-data.py"))
+        .args(["--essays", essays().to_str().unwrap()])
+        .arg("--hotpotqa")
+        .arg(ruler.join("data/synthetic/json/hotpotqa.json"))
+        .args(["--out", dir.to_str().unwrap()])
+        .args([
+            "--lengths",
+            "500",
+            "--depths",
+            "0.5",
+            "--calib",
+            "1",
+            "--calib-tokens",
+            "400",
+        ])
+        .output()
+        .expect("python3 scripts/calib-data.py");
+    assert!(
+        out.status.success(),
+        "calib-data.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let profile = dir.join("profile.json");
+    let calibrate = || {
+        let out = Command::new(calibrate_bin())
+            .args([
+                "-m",
+                model().to_str().unwrap(),
+                "-t",
+                "2",
+                "--steps",
+                "4",
+                "--max-gen",
+                "24",
+            ])
+            .arg("--probes")
+            .arg(dir.join("probes.jsonl"))
+            .arg("--calib")
+            .arg(dir.join("calib.jsonl"))
+            .arg("-o")
+            .arg(&profile)
+            .output()
+            .expect("run llama-compresskv-calibrate");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "calibration failed:\n{log}");
+        (log, std::fs::read_to_string(&profile).unwrap())
+    };
+    let (log1, text1) = calibrate();
+    assert!(
+        log1.contains("probe 3/3") && log1.contains("calib 1/1"),
+        "progress lines:\n{log1}"
+    );
+    let p = compresskv::profile::Profile::from_json(&text1).expect("the tool's profile validates");
+    assert_eq!(
+        (
+            p.model.arch.as_str(),
+            p.model.n_layer,
+            p.model.n_head,
+            p.model.n_head_kv
+        ),
+        ("llama", 30, 9, 3)
+    );
+    // the identity is the one llama.cpp computes for this model: the shipped SmolLM2 profile has it too
+    let shipped = compresskv::profile::Profile::load(root().join("profiles/smollm2.json")).expect("shipped profile");
+    assert_eq!(p.model, shipped.model);
+    let counted = p.calibration["srh"]["counted"].as_u64().unwrap();
+    assert!(counted >= 1, "no probe answered:\n{log1}");
+    assert!(
+        p.layer_weights.iter().all(|&w| w > 0.0),
+        "every layer has some eviction error"
+    );
+
+    let (log2, text2) = calibrate();
+    assert_eq!(
+        log2.matches("(done before)").count(),
+        4,
+        "the second run must resume:\n{log2}"
+    );
+    assert_eq!(text1, text2, "same inputs, same profile");
+}
+
+/// Without --compresskv-profile the shipped profile is found by the model's fingerprint; the ablation
+/// snapkv-srh uses its heads with uniform budgets.
+#[test]
+fn shipped_profile_is_found_by_fingerprint() {
+    let r = run(prompt_35k(), &["--compresskv", "--compresskv-budget", "256"], "found");
+    assert_retrieved(&r, "compresskv with the shipped profile");
+    assert_eq!(r.stats.len(), 1, "{}", r.log);
+    let used = r.stats[0]["profile"].as_str().unwrap_or_default();
+    assert!(
+        used.ends_with("profiles/smollm2.json"),
+        "profile used: {used:?}\n{}",
+        r.log
+    );
+    let plan = &r.stats[0]["plan"];
+    assert_eq!(
+        (plan["method"].as_str(), plan["allocation"].as_str()),
+        (Some("compresskv"), Some("weighted"))
+    );
+    assert_eq!(plan["fallback_all_heads"], false);
+
+    let r = run(
+        prompt_35k(),
+        &[
+            "--compresskv",
+            "--compresskv-budget",
+            "256",
+            "--compresskv-method",
+            "snapkv-srh",
+        ],
+        "srh",
+    );
+    assert!(r.ok, "{}", r.log);
+    assert_eq!(r.stats.len(), 1, "{}", r.log);
+    let plan = &r.stats[0]["plan"];
+    assert_eq!(
+        (plan["method"].as_str(), plan["allocation"].as_str()),
+        (Some("snapkv-srh"), Some("uniform"))
+    );
+    assert_eq!(plan["fallback_all_heads"], false);
+    assert_eq!(
+        plan["layers"][0]["heads"].as_array().unwrap().len(),
+        4,
+        "4 SRHs per layer"
+    );
+    assert_eq!(r.stats[0]["cells_after"].as_u64().unwrap(), 256);
+}
+
+const SERVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn server_addr(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// llama-server with `--compresskv`: each request's prompt is compressed after its prefill (stats line per
+/// request), the needle is still retrieved, and a repeated request recomputes its prompt (a compressed cache
+/// holds no reusable prefix) and answers the same.
+#[test]
+fn server_compresses_every_request() {
+    let bin = bin_dir().join("llama-server");
+    assert!(bin.exists(), "{} missing: run scripts/build-llama.sh", bin.display());
+    let stats = tmpdir().join("stats-server.jsonl");
+    let _ = std::fs::remove_file(&stats);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = std::fs::File::create(tmpdir().join("server.log")).unwrap();
+    let mut server = Command::new(&bin)
+        .args(["-m", model().to_str().unwrap(), "-c", "4608", "-np", "1", "-t", "2"])
+        .args(["--no-warmup", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--compresskv", "--compresskv-budget", "256"])
+        .args(["--compresskv-stats", stats.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start llama-server");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let guard = Kill(&mut server);
+    let slog = || std::fs::read_to_string(tmpdir().join("server.log")).unwrap_or_default();
+
+    let t0 = std::time::Instant::now();
+    while !matches!(
+        http(server_addr(port), "GET", "/health", "", SERVER_TIMEOUT),
+        Ok((200, _))
+    ) {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "llama-server did not come up:\n{}",
+            slog()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+
+    let prompt = std::fs::read_to_string(prompt_35k()).unwrap();
+    let req = serde_json::json!({"prompt": prompt, "n_predict": 32, "temperature": 0.0, "seed": 1});
+    let mut answers = Vec::new();
+    for i in 0..2 {
+        let (status, body) = http(
+            server_addr(port),
+            "POST",
+            "/completion",
+            &req.to_string(),
+            SERVER_TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(status, 200, "request {i}: {body}\n{}", slog());
+        let v: serde_json::Value = serde_json::from_str(&body).expect("completion JSON");
+        let content = v["content"].as_str().unwrap().to_string();
+        assert!(
+            content.to_lowercase().contains("sandwich"),
+            "request {i}: the answer misses the needle: {content:?}"
+        );
+        answers.push(content);
+    }
+    drop(guard);
+
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&stats)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "one compression per request:\n{}", slog());
+    for s in &lines {
+        assert!(s["n_prompt"].as_u64().unwrap() > 3000);
+        assert!(s["cells_after"].as_u64().unwrap() <= 256 + 32);
+    }
+    assert_eq!(answers[0], answers[1], "the same request must give the same answer");
+}
