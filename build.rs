@@ -51,7 +51,11 @@ mod llama {
             .ancestors()
             .nth(3)
             .expect("OUT_DIR is <target>/<profile>/build/<pkg>/out");
-        let dst = profile_dir.join("llama.cpp");
+        // COMPRESSKV_LLAMA_CUDA=<CUDA architectures, e.g. 90>: libllama.a with the CUDA backend as well, for the
+        // tools of src/bin on a GPU machine (bench/gpu.sh, scripts/build-llama.sh --cuda); its own build tree.
+        println!("cargo:rerun-if-env-changed=COMPRESSKV_LLAMA_CUDA");
+        let cuda = env::var("COMPRESSKV_LLAMA_CUDA").ok().filter(|v| !v.is_empty());
+        let dst = profile_dir.join(if cuda.is_some() { "llama.cpp-cuda" } else { "llama.cpp" });
         fs::create_dir_all(&dst).unwrap();
         let empty = dst.join("libcompresskv-none.a");
         if !empty.exists() {
@@ -65,6 +69,9 @@ mod llama {
         if let Some(launcher) = ccache_launcher() {
             cfg.define("CMAKE_C_COMPILER_LAUNCHER", &launcher)
                 .define("CMAKE_CXX_COMPILER_LAUNCHER", &launcher);
+        }
+        if let Some(arch) = &cuda {
+            cfg.define("GGML_CUDA", "ON").define("CMAKE_CUDA_ARCHITECTURES", arch);
         }
         let dst = cfg
             .out_dir(&dst)
@@ -89,14 +96,26 @@ mod llama {
 
         // libllama.a calls into ggml, which registers the CPU backend (ggml-cpu) and sits on ggml-base.
         // `-bundle`: not copied into this crate's rlib or libcompresskv.a, only passed to the final link.
-        for (dir, lib) in [
-            ("src", "llama"),
-            ("ggml/src", "ggml"),
-            ("ggml/src", "ggml-cpu"),
-            ("ggml/src", "ggml-base"),
-        ] {
+        let mut libs = vec![("src", "llama"), ("ggml/src", "ggml"), ("ggml/src", "ggml-cpu")];
+        if cuda.is_some() {
+            libs.push(("ggml/src/ggml-cuda", "ggml-cuda"));
+        }
+        libs.push(("ggml/src", "ggml-base"));
+        for (dir, lib) in libs {
             println!("cargo:rustc-link-search=native={}", build.join(dir).display());
             println!("cargo:rustc-link-lib=static:-bundle={lib}");
+        }
+        if cuda.is_some() {
+            // ggml-cuda's shared dependencies (GGML_STATIC off); libcuda.so from the toolkit's stubs at link time,
+            // the driver's at run time
+            let home = env::var("CUDA_PATH").unwrap_or_else(|_| "/usr/local/cuda".into());
+            println!("cargo:rerun-if-env-changed=CUDA_PATH");
+            for dir in ["lib64", "lib64/stubs", "targets/x86_64-linux/lib", "targets/x86_64-linux/lib/stubs"] {
+                println!("cargo:rustc-link-search=native={home}/{dir}");
+            }
+            for lib in ["cudart", "cublas", "cublasLt", "cuda"] {
+                println!("cargo:rustc-link-lib={lib}");
+            }
         }
         let cache = fs::read_to_string(build.join("CMakeCache.txt")).unwrap_or_default();
         if cache.lines().any(|l| l == "GGML_OPENMP_ENABLED:INTERNAL=ON") {

@@ -3,18 +3,30 @@
 # access there, 64 MiB carried per call, minutes of device time in all).
 #
 #   bench/gpu.sh pack          here: target/gpu/ = the patched llama.cpp source (no docs, models, tests) as a
-#                              tarball + the compresskv static library (debug info stripped), ~17 MB
-#   bench/gpu.sh run           there (the device tool; carry the three packed files: target/gpu/llama-src.tar.gz,
-#                              target/gpu/libcompresskv.a.gz, target/gpu/commit, not target/gpu): unpack, build
-#                              llama-compresskv-bench with CUDA, write the random-weight 8B-shaped model
-#                              (bench/random_gguf.py), run the compaction check, then the speed grid; JSON
-#                              results and logs go to $OUT (default target/gpu/out)
+#                              tarball + the compresskv static library (debug info stripped), ~17 MB, + the
+#                              crates the Rust tool needs (`cargo vendor`, target/gpu/crates.tar.gz, ~9 MB)
+#   bench/gpu.sh run           there (the device tool; carry the packed files: target/gpu/llama-src.tar.gz,
+#                              target/gpu/libcompresskv.a.gz, target/gpu/crates.tar.gz, target/gpu/commit, not
+#                              target/gpu): unpack, build llama-compresskv-bench with CUDA, write the
+#                              random-weight 8B-shaped model (bench/random_gguf.py), run the compaction check,
+#                              then the speed grid; JSON results and logs go to $OUT (default target/gpu/out)
 #   bench/gpu.sh collect DIR   here: copy DIR's JSON results to bench/results/ (then python3 bench/plot.py)
+#
+# What run needs on the GPU machine: cmake, python3, timeout, a C/C++ compiler and the CUDA toolkit (nvcc; not
+# with CUDA=0), and for the tool itself either
+#   - cargo and rustc (>= 1.80) and libclang (bindgen reads llama.h): llama-compresskv-bench is then this
+#     repository's Rust tool (src/bin), built offline from target/gpu/crates.tar.gz with
+#     `cargo build --release --features llama` and COMPRESSKV_LLAMA_CUDA=$CUDA_ARCH (build.rs builds its
+#     libllama.a with the CUDA backend into target/gpu/cargo/release/llama.cpp-cuda), or
+#   - without cargo: the C++ tool of llama.cpp's tools/compresskv-bench, while the packed source still has it
+#     (patch 0005; being dropped), built with cmake as before. Without either, run stops before the build.
+# Not yet run on a GPU machine in its Rust form (the cargo path above was written without a GPU to try it).
 #
 # Environment for run: CUDA_ARCH (default 90), DEPTHS (default 256,1024,2048,8192,32768,131072 first, then
 # 4096,16384,65536: a deadline still leaves the whole range), BUDGETS (default 0,256,1024,2048), N_GEN, SHAPE (8b; tiny for a dry run),
 # CUDA=0 (a CPU dry run of the same steps), DEVICE_NAME (the file suffix, default h200), DEADLINE (seconds
-# after the start by which the speed grid stops so that its rows are copied out, default 560).
+# after the start by which the speed grid stops so that its rows are copied out, default 560), TOOL=cpp
+# (use the C++ tool even where cargo exists).
 # Resumable on a machine that stays warm: the build, the model and the rows done are kept under target/gpu/
 # (the speed tool skips the rows its JSON already holds), so run it again to go on.
 set -euo pipefail
@@ -26,6 +38,11 @@ case "$cmd" in
 pack)
   scripts/build-llama.sh --targets llama-compresskv-bench >/dev/null
   mkdir -p target/gpu
+  # the crates of Cargo.lock, for an offline `cargo build` there
+  rm -rf target/gpu/crates
+  cargo vendor --locked --quiet target/gpu/crates >/dev/null
+  tar czf target/gpu/crates.tar.gz -C target/gpu crates
+  rm -rf target/gpu/crates
   tar czf target/gpu/llama-src.tar.gz -C vendor --exclude=llama.cpp/.git --exclude=llama.cpp/docs \
       --exclude=llama.cpp/models --exclude=llama.cpp/tests --exclude=llama.cpp/benches \
       --exclude=llama.cpp/examples --exclude=llama.cpp/tools/server/public llama.cpp
@@ -33,7 +50,7 @@ pack)
   strip --strip-debug target/gpu/libcompresskv.a
   gzip -9 -f target/gpu/libcompresskv.a
   git rev-parse HEAD > target/gpu/commit
-  du -bc target/gpu/llama-src.tar.gz target/gpu/libcompresskv.a.gz target/gpu/commit  # what travels
+  du -bc target/gpu/llama-src.tar.gz target/gpu/libcompresskv.a.gz target/gpu/crates.tar.gz target/gpu/commit  # what travels
   ;;
 run)
   out=${OUT:-target/gpu/out}
@@ -49,12 +66,26 @@ run)
   fi
   if [ -x /usr/local/cuda/bin/nvcc ]; then export PATH="$PATH:/usr/local/cuda/bin"; fi
   src=target/gpu/src
-  sum=$(cat target/gpu/llama-src.tar.gz target/gpu/libcompresskv.a.gz | sha256sum | cut -c1-16)
+  packed=(target/gpu/llama-src.tar.gz target/gpu/libcompresskv.a.gz)
+  [ -f target/gpu/crates.tar.gz ] && packed+=(target/gpu/crates.tar.gz)
+  sum=$(cat "${packed[@]}" | sha256sum | cut -c1-16)
   if [ "$(cat "$src/.packed" 2>/dev/null)" != "$sum" ]; then  # a new pack: unpack again (the build dir stays)
     rm -rf "$src/llama.cpp" && mkdir -p "$src" && tar xzf target/gpu/llama-src.tar.gz -C "$src"
     gunzip -kf target/gpu/libcompresskv.a.gz
+    if [ -f target/gpu/crates.tar.gz ]; then rm -rf target/gpu/crates && tar xzf target/gpu/crates.tar.gz -C target/gpu; fi
     echo "$sum" > "$src/.packed"
   fi
+  # the Rust tool where cargo is (and the crates came along), else the C++ tool while the source has it
+  [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$PATH:$HOME/.cargo/bin"
+  tool=cpp
+  if [ "${TOOL:-rust}" != cpp ] && command -v cargo >/dev/null && [ -d target/gpu/crates ]; then
+    tool=rust
+  elif [ ! -d "$src/llama.cpp/tools/compresskv-bench" ]; then
+    echo "gpu.sh: no cargo here (or no target/gpu/crates.tar.gz carried), and the packed llama.cpp has no C++" \
+         "llama-compresskv-bench: install cargo and rustc >= 1.80 (and libclang) on this machine" >&2
+    exit 1
+  fi
+  stamp "tool: $tool"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/gpu.txt" || true
   build=$src/build
   flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
@@ -65,11 +96,24 @@ run)
     flags+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}")
     ngl=99
   fi
-  stamp "configure"
-  cmake -S "$src/llama.cpp" -B "$build" "${flags[@]}" > "$out/cmake.log" 2>&1 || { tail -30 "$out/cmake.log"; exit 1; }
-  stamp "build"
-  cmake --build "$build" -j "$(nproc)" --target llama-compresskv-bench > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
-  bin=$build/bin/llama-compresskv-bench
+  if [ $tool = rust ]; then
+    # build.rs reads the patched source at vendor/llama.cpp, which is not carried: the unpacked one
+    [ -e vendor/llama.cpp ] || ln -s "$root/$src/llama.cpp" vendor/llama.cpp
+    cuda_env=()
+    [ "${CUDA:-1}" = 1 ] && cuda_env=(COMPRESSKV_LLAMA_CUDA="${CUDA_ARCH:-90}")
+    stamp "build (cargo)"
+    env "${cuda_env[@]}" CARGO_TARGET_DIR=target/gpu/cargo cargo build --release --offline --features llama \
+        --bin llama-compresskv-bench --config "source.crates-io.replace-with='vendored-sources'" \
+        --config "source.vendored-sources.directory='$root/target/gpu/crates'" > "$out/build.log" 2>&1 \
+      || { tail -40 "$out/build.log"; exit 1; }
+    bin=target/gpu/cargo/release/llama-compresskv-bench
+  else
+    stamp "configure"
+    cmake -S "$src/llama.cpp" -B "$build" "${flags[@]}" > "$out/cmake.log" 2>&1 || { tail -30 "$out/cmake.log"; exit 1; }
+    stamp "build (cmake, the C++ tool)"
+    cmake --build "$build" -j "$(nproc)" --target llama-compresskv-bench > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+    bin=$build/bin/llama-compresskv-bench
+  fi
   shape=${SHAPE:-8b}
   model=${MODEL:-/tmp/compresskv-random-$shape.gguf}
   stamp "model ($shape)"
@@ -117,5 +161,5 @@ EOF
   done
   ;;
 *)
-  sed -n '2,19p' "$0"; exit 2 ;;
+  sed -n '2,31p' "$0"; exit 2 ;;
 esac

@@ -11,7 +11,7 @@ the model; nothing is estimated.
     speed:   for each context length: full cache vs each method at one budget, a fixed number of decoded
              tokens (--ignore-eos)  ->  bench/results/speed-<model>-<device>.json
     kvspeed: decode tok/s by context depth, the full cache and each budget, on random tokens through
-             llama-compresskv-bench (prefill, compress, time the decode; resumable)
+             llama-compresskv-bench (target/release/, --tool; prefill, compress, time the decode; resumable)
              ->  bench/results/kvspeed-<model>-cpu.json (the GPU runs: bench/gpu.sh)
 
 Then `python3 bench/plot.py` draws the SVG plots under bench/plots/ from those files.
@@ -417,9 +417,10 @@ def write(path, obj):
 def kvspeed_cmd(args):
     """llama-compresskv-bench on a fetched model; the JSON it writes gains the commit, machine and checksum."""
     model = sh(os.path.join(ROOT, "scripts/fetch-model.sh"), args.model)
-    tool = os.path.join(os.path.dirname(args.bin), "llama-compresskv-bench")
+    tool = args.tool
     if not os.path.exists(tool):
-        sys.exit(f"{tool} is missing: run scripts/build-llama.sh --targets llama-compresskv-bench")
+        sys.exit(f"{tool} is missing: run cargo build --release --features llama --bins "
+                 "(or scripts/build-llama.sh --targets llama-compresskv-bench)")
     out = args.out or os.path.join(ROOT, f"bench/results/kvspeed-{args.model}-cpu.json")
     cmd = [tool, "-m", model, "-o", out, "-t", str(args.threads), "-d", args.depths, "-B", args.budgets,
            "-n", str(args.n_gen), "-r", str(args.reps), "--method", args.method] + args.extra.split()
@@ -457,7 +458,9 @@ def main():
             p.add_argument("--n-gen", type=int, default=64)
             p.add_argument("--reps", type=int, default=2)
             p.add_argument("--method", default="compresskv")
-            p.add_argument("--bin", default=os.environ.get("COMPRESSKV_BIN", os.path.join(ROOT, "vendor/build/bin/llama-completion")))
+            # the Rust tool of src/bin (cargo build --release --features llama --bins)
+            p.add_argument("--tool", default=os.environ.get("COMPRESSKV_BENCH_TOOL",
+                                                          os.path.join(ROOT, "target/release/llama-compresskv-bench")))
         elif name == "bounded":
             p.add_argument("--chars", default="26000")
             p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")

@@ -207,6 +207,107 @@ ckv_status ckv_compact(const ckv_plan * plan, const ckv_buffer * k, const ckv_bu
  * written and CKV_ERR_SIZE is returned (buf may then be NULL). needed may be NULL. */
 ckv_status ckv_plan_stats_json(const ckv_plan * plan, char * buf, size_t buf_size, size_t * needed);
 
+/* ---- Options and requests: the policy of one compression of a llama.cpp sequence ----
+ *
+ * Options are "key=value" entries separated by ';' or newlines, later entries overriding earlier ones:
+ * method (compresskv, snapkv, pyramidkv, streamingllm, snapkv-srh), budget (cells kept per layer, window
+ * included), ratio (fraction of the sequence, in (0, 1]; instead of budget), budget_avg (0/1: the budget is
+ * the paper's average over layers), window, anchor (end, question), window_end (a position), pool (odd),
+ * chunk (0: single tokens), sink, per_head (0/1), form (fill, exact, mask), preset (paper, default),
+ * profile (a path), stats (a path: one JSON line per compression is appended). Every default is defined
+ * once, in the library: ckv_option_get(NULL, key, ...) gives it. */
+
+typedef struct ckv_request ckv_request;
+
+typedef enum ckv_form {
+    CKV_FORM_FILL  = 0, /* every layer keeps the largest layer budget */
+    CKV_FORM_EXACT = 1, /* per-layer budgets, cells above a layer's budget masked for it */
+    CKV_FORM_MASK  = 2, /* reference: nothing moves, evicted cells hidden per layer */
+} ckv_form;
+
+/* The sequence to compress, as the caller's cache holds it. */
+typedef struct ckv_seq_desc {
+    size_t          size;       /* sizeof(ckv_seq_desc) */
+    int32_t         n;          /* cells of the sequence */
+    const int32_t * pos;        /* [n] their positions, ascending */
+    int32_t         compressed; /* 1: compressed before */
+    const uint8_t * eog;        /* [n_tokens] 1 where the sequence's last tokens end a turn (NULL: unknown) */
+    int32_t         n_tokens;   /* how many of the sequence's last tokens the caller has */
+    int32_t         n_probe;    /* tokens of a probe decoded after the sequence and removed again (0: none) */
+    int32_t         n_ubatch;   /* the most tokens one decode takes */
+    int32_t         iswa;       /* 1: the full-attention cache of an iSWA model */
+} ckv_seq_desc;
+
+/* What the caller does next. */
+typedef struct ckv_request_info {
+    int32_t      skip;         /* 1: nothing to compress (the budget covers the sequence) */
+    int32_t      method;       /* ckv_method */
+    int32_t      form;         /* ckv_form */
+    int32_t      per_head;     /* 1: one token set per KV head */
+    int32_t      budget;       /* cells the sequence keeps */
+    int32_t      n_decode;     /* tokens to decode again with query capture (0: none) */
+    int32_t      decode_idx; /* index of the first in the sequence, n for the probe after it */
+    int32_t      decode_pos;   /* its position */
+    int32_t      keep_last;    /* 1: the last cell stays where it is, out of the plan (probe) */
+    int32_t      text_index;   /* window text: first token in the caller's last tokens; -1 the probe, -2 none */
+    int32_t      text_len;
+    const char * note;         /* a line for the log (NULL: none), valid until the next call on the request */
+    int32_t      note_warn;    /* 1: the note is a warning */
+} ckv_request_info;
+
+/* What the caller measured, for the stats line. */
+typedef struct ckv_request_facts {
+    size_t       size;          /* sizeof(ckv_request_facts) */
+    int32_t      seq_id;
+    int32_t      n_after;       /* cells the sequence holds now */
+    uint64_t     kv_bytes_cell; /* K and V bytes of one cell over all layers */
+    const char * type_k;
+    const char * type_v;
+    int32_t      v_trans;
+    int32_t      host;          /* 1: host buffers */
+    const char * compact;       /* "host", "host-copy", "graph" or "mask" */
+    const char * checksum;      /* NULL: none */
+    const char * window_text;   /* NULL: none */
+    double       ms_redecode;
+    double       ms_compact;
+    double       ms_total;
+} ckv_request_facts;
+
+/* Parse and validate options (NULL: the defaults); the reason in ckv_last_error(). */
+ckv_status ckv_options_check(const char * options);
+
+/* The value option `key` takes in `options` (NULL: its default) as text into buf ("" for an unset path). */
+ckv_status ckv_option_get(const char * options, const char * key, char * buf, size_t buf_size);
+
+/* Decide a compression before anything changes: refusals, the budget, the window and the tokens to decode
+ * again (ckv_request_info_get). Free with ckv_request_free. */
+ckv_status ckv_request_new(const char * options, const ckv_seq_desc * seq, ckv_request ** out);
+
+ckv_status ckv_request_info_get(ckv_request * req, ckv_request_info * info);
+
+/* Plan from the sequence's n cells after the decode (cells and positions in position order, the probe's
+ * last), the model (a profile is loaded or looked up by its fingerprint; meta only names it in messages),
+ * each layer's keys and the captured queries (rows of the decoded tokens). */
+ckv_status ckv_request_plan(ckv_request * req, const ckv_model_desc * model, const char * meta,
+                            const int32_t * cells, const int32_t * pos, int32_t n,
+                            const ckv_buffer * keys, const float * const * queries);
+
+/* The plan (for ckv_plan_group and ckv_compact), owned by the request; NULL before ckv_request_plan. */
+const ckv_plan * ckv_request_plan_get(ckv_request * req);
+
+/* Cell metadata after compaction: *n_slots cells and positions into dst and pos (cap >= the cells planned),
+ * *mark = the first position from which the sequence holds every position, *need_mask = 1 when some layer
+ * hides some of its slots (per-layer masks). */
+ckv_status ckv_request_slots(ckv_request * req, int32_t * dst, int32_t * pos, int32_t cap,
+                             int32_t * n_slots, int32_t * mark, int32_t * need_mask);
+
+/* The stats line (one JSON object), appended to the stats option's file and copied to buf (may be NULL);
+ * *len gets its length (may be NULL). */
+ckv_status ckv_request_finish(ckv_request * req, const ckv_request_facts * facts, char * buf, size_t buf_size,
+                              size_t * len);
+
+void ckv_request_free(ckv_request * req);
+
 #ifdef __cplusplus
 }
 #endif

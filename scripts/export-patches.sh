@@ -13,7 +13,6 @@ series=(
   "0002-core-llama_kv_compress.patch:include/llama.h src/llama-cparams.h src/llama-graph.h src/llama-graph.cpp src/llama-context.h src/llama-context.cpp src/llama-kv-cache.h src/llama-kv-cache.cpp src/llama-compresskv.cpp"
   "0003-common-compresskv-flags.patch:common/common.h common/common.cpp common/arg.cpp"
   "0004-tools-compress-after-prefill.patch:tools/completion/completion.cpp tools/server/server-context.cpp"
-  "0005-tools-compresskv-calibrate-bench.patch:tools/CMakeLists.txt tools/compresskv-calibrate tools/compresskv-bench"
 )
 listed=()
 for entry in "${series[@]}"; do

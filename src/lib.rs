@@ -18,6 +18,8 @@
 //! - [`compact`]: move plans and in-place, block-exact compaction of host buffers.
 //! - [`plan`]: the whole step for one sequence: budgets + scores + selection + moves.
 //! - [`profile`]: the JSON model profile (SRH ranking, layer weights), validated against a model.
+//! - [`options`]: the options of one compression as llama.cpp passes them (names, defaults, validation).
+//! - [`request`]: one compression of a llama.cpp sequence as policy (window, budget, slots, stats).
 //! - [`ffi`]: the C ABI.
 
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -28,8 +30,10 @@ pub mod compact;
 pub mod error;
 pub mod ffi;
 pub mod layout;
+pub mod options;
 pub mod plan;
 pub mod profile;
+pub mod request;
 pub mod score;
 pub mod select;
 pub mod types;

@@ -139,17 +139,16 @@ fn ruler_smoke_writes_scored_rows() {
 /// The GPU speed tool's whole path on the CPU (bench/gpu.sh runs the same on a lent GPU): bench/random_gguf.py
 /// writes a 2-layer random-weight model with vocabulary type "none", `llama-compresskv-bench --check` compares
 /// the compacted cache with the masked reference on it, and the speed mode writes one row per depth and budget.
+/// The tool is this crate's binary (src/bin, `--features llama`), which cargo builds for this test.
 #[test]
 fn speed_tool_checks_and_times_a_random_weight_model() {
-    let bin = root().join("vendor/build/bin/llama-compresskv-bench");
-    if !bin.exists() {
+    let Some(bin) = option_env!("CARGO_BIN_EXE_llama-compresskv-bench").map(PathBuf::from) else {
         eprintln!(
-            "SKIP speed_tool_checks_and_times_a_random_weight_model: {} is missing \
-             (run scripts/build-llama.sh --targets llama-compresskv-bench)",
-            bin.display()
+            "SKIP speed_tool_checks_and_times_a_random_weight_model: llama-compresskv-bench is built with \
+             --features llama only (cargo test --release --features llama --test bench_smoke)"
         );
         return;
-    }
+    };
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir).unwrap();
     let model = dir.join("random-tiny.gguf");

@@ -1,5 +1,5 @@
 //! `include/compresskv.h` against the Rust exports, through bindgen at test time:
-//! - every function of the header is a `#[no_mangle]` export of `src/ffi.rs` with the same parameters
+//! - every function of the header is a `#[no_mangle]` export of `src/ffi/` with the same parameters
 //!   (count, and types up to naming: enums are `i32` on the Rust side) and return type, and every export is
 //!   declared in the header;
 //! - the size, alignment and field offsets of every struct match the `#[repr(C)]` mirrors in
@@ -164,17 +164,17 @@ fn rust_exports(src: &str) -> BTreeMap<String, Sig> {
     out
 }
 
-/// `["Size of X"][... - 64usize];` lines: (kind, struct, field) -> value.
+/// `["Size of X"][... - 64usize];` statements (rustfmt may wrap long ones): (kind, struct, field) -> value.
 fn layout_facts(b: &str) -> BTreeMap<(String, String, String), usize> {
     let mut out = BTreeMap::new();
-    for line in b.lines() {
-        let line = line.trim();
-        let Some(rest) = line.strip_prefix("[\"") else { continue };
-        let Some((label, expr)) = rest.split_once("\"]") else {
+    let flat = b.split_whitespace().collect::<Vec<_>>().join(" ");
+    for stmt in flat.split("usize];") {
+        let Some(at) = stmt.rfind("[\"") else { continue };
+        let Some((label, expr)) = stmt[at + 2..].split_once("\"]") else {
             continue;
         };
-        let value: usize = match expr.rsplit_once(" - ").and_then(|(_, v)| v.strip_suffix("usize];")) {
-            Some(v) => v.trim().parse().expect("layout value"),
+        let value: usize = match expr.rsplit_once(" - ") {
+            Some((_, v)) => v.trim().parse().expect("layout value"),
             None => continue,
         };
         let key = if let Some(s) = label.strip_prefix("Size of ") {
@@ -236,7 +236,13 @@ macro_rules! consts {
 #[test]
 fn header_matches_rust_exports() {
     let b = bindings();
-    let src = std::fs::read_to_string(Path::new(MANIFEST_DIR).join("src/ffi.rs")).expect("src/ffi.rs");
+    let mut files: Vec<_> = std::fs::read_dir(Path::new(MANIFEST_DIR).join("src/ffi"))
+        .expect("src/ffi")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .collect();
+    files.sort();
+    let src: String = files.iter().map(|f| format!("\n{}", std::fs::read_to_string(f).unwrap())).collect();
 
     // Functions, both ways.
     let header = header_functions(&b);
@@ -250,20 +256,20 @@ fn header_matches_rust_exports() {
     for (name, sig) in &header {
         match rust.get(name) {
             None => problems.push(format!(
-                "{name}: declared in the header, no #[no_mangle] export in src/ffi.rs"
+                "{name}: declared in the header, no #[no_mangle] export in src/ffi/"
             )),
             Some(r) if r.params.len() != sig.params.len() => problems.push(format!(
-                "{name}: {} parameters in the header, {} in src/ffi.rs",
+                "{name}: {} parameters in the header, {} in src/ffi/",
                 sig.params.len(),
                 r.params.len()
             )),
-            Some(r) if r != sig => problems.push(format!("{name}: header {sig:?}, src/ffi.rs {r:?}")),
+            Some(r) if r != sig => problems.push(format!("{name}: header {sig:?}, src/ffi/ {r:?}")),
             Some(_) => {}
         }
     }
     for name in rust.keys() {
         if !header.contains_key(name) {
-            problems.push(format!("{name}: exported by src/ffi.rs, not declared in the header"));
+            problems.push(format!("{name}: exported by src/ffi/, not declared in the header"));
         }
     }
     assert!(
@@ -311,6 +317,38 @@ fn header_matches_rust_exports() {
             arch,
             shape,
             fingerprint
+        }),
+        mirror!(ckv_seq_desc { size, n, pos, compressed, eog, n_tokens, n_probe, n_ubatch, iswa }),
+        mirror!(ckv_request_info {
+            skip,
+            method,
+            form,
+            per_head,
+            budget,
+            n_decode,
+            decode_idx,
+            decode_pos,
+            keep_last,
+            text_index,
+            text_len,
+            note,
+            note_warn
+        }),
+        mirror!(ckv_request_facts {
+            size,
+            seq_id,
+            n_after,
+            kv_bytes_cell,
+            type_k,
+            type_v,
+            v_trans,
+            host,
+            compact,
+            checksum,
+            window_text,
+            ms_redecode,
+            ms_compact,
+            ms_total
         }),
     ];
     let header_structs: BTreeSet<&str> = facts.keys().map(|k| k.1.as_str()).collect();
@@ -366,6 +404,9 @@ fn header_matches_rust_exports() {
         CKV_ALLOC_UNIFORM,
         CKV_ALLOC_PYRAMID,
         CKV_ALLOC_WEIGHTED,
+        CKV_FORM_FILL,
+        CKV_FORM_EXACT,
+        CKV_FORM_MASK,
         CKV_VERSION_MAJOR,
         CKV_VERSION_MINOR,
         CKV_VERSION_PATCH,

@@ -239,21 +239,30 @@ impl Ctx {
     }
 
     fn compress(&self, seq_id: sys::llama_seq_id, tokens: &[sys::llama_token], budget: i32) -> i32 {
-        self.compress_with(seq_id, tokens, budget, |_| {})
+        self.compress_with(seq_id, tokens, budget, "", &[])
     }
 
+    /// `llama_kv_compress` with the paper's selection (the options' `preset=paper`), `budget` and `extra` options,
+    /// scored by `probe` when not empty.
     fn compress_with(
         &self,
         seq_id: sys::llama_seq_id,
         tokens: &[sys::llama_token],
         budget: i32,
-        tweak: impl FnOnce(&mut sys::llama_kv_compress_params),
+        extra: &str,
+        probe: &[sys::llama_token],
     ) -> i32 {
+        let opts = CString::new(format!("preset=paper;budget={budget};{extra}")).unwrap();
         unsafe {
-            let mut p = sys::llama_kv_compress_default_params();
-            p.budget = budget;
-            tweak(&mut p);
-            sys::llama_kv_compress(self.ctx, seq_id, tokens.as_ptr(), tokens.len() as i32, &p)
+            sys::llama_kv_compress(
+                self.ctx,
+                seq_id,
+                tokens.as_ptr(),
+                tokens.len() as i32,
+                probe.as_ptr(),
+                probe.len() as i32,
+                opts.as_ptr(),
+            )
         }
     }
 
@@ -369,7 +378,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// The strongest check of compaction (DESIGN §1.5), logit by logit: the fill-form compacted cache against the
+/// The strongest check of compaction (docs/design.md §1.5), logit by logit: the fill-form compacted cache against the
 /// masked reference (`mask_only`: the same plan, nothing moves, each layer's evicted cells hidden in place),
 /// SmolLM2 with f32 weights, f32 caches, flash attention off, teacher-forced for 32 tokens with the
 /// reference's greedy tokens. The two attention sums then differ only in the order f32 adds the same terms
@@ -390,9 +399,6 @@ fn compacted_cache_matches_the_masked_reference_to_f32_rounding() {
         p.type_v = sys::ggml_type_GGML_TYPE_F32;
         p.flash_attn_type = sys::llama_flash_attn_type_LLAMA_FLASH_ATTN_TYPE_DISABLED;
     };
-    let snapkv = |p: &mut sys::llama_kv_compress_params| {
-        p.method = sys::llama_kv_compress_method_LLAMA_KV_COMPRESS_METHOD_SNAPKV;
-    };
     let ctxs: Vec<Ctx> = (0..3)
         .map(|_| {
             let c = Ctx::with(model, f32_no_fa);
@@ -402,21 +408,14 @@ fn compacted_cache_matches_the_masked_reference_to_f32_rounding() {
         .collect();
     let (compacted, masked, full) = (&ctxs[0], &ctxs[1], &ctxs[2]);
     clear_log();
-    let rc = compacted.compress_with(0, toks, 256, |p| {
-        snapkv(p);
-        p.fill = true;
-    });
+    let rc = compacted.compress_with(0, toks, 256, "method=snapkv;form=fill", &[]);
     assert_eq!(rc, 0, "fill form:\n{}", log_tail());
     let cells = unsafe { sys::llama_kv_compress_n_cells(compacted.ctx, 0) };
     assert!(
         (0..300).contains(&cells),
         "the compacted cache must really compact: {n} -> {cells} cells"
     );
-    let rc = masked.compress_with(0, toks, 256, |p| {
-        snapkv(p);
-        p.fill = false;
-        p.mask_only = true;
-    });
+    let rc = masked.compress_with(0, toks, 256, "method=snapkv;form=mask", &[]);
     assert_eq!(rc, 0, "mask form:\n{}", log_tail());
     // both re-decoded the window and its suffix: the logits are those of the prompt's last token again; the
     // full cache's logits are still those of its prefill
@@ -470,10 +469,7 @@ fn probe_compression_leaves_the_prompt_logits_and_the_last_position() {
     // the probe: the prompt's own question tokens again (any tokens do; these make a plausible scorer)
     let probe: Vec<sys::llama_token> = toks[toks.len() - 24..].to_vec();
     clear_log();
-    let rc = ctx.compress_with(0, toks, 256, |p| {
-        p.probe = probe.as_ptr();
-        p.n_probe = probe.len() as i32;
-    });
+    let rc = ctx.compress_with(0, toks, 256, "", &probe);
     assert_eq!(
         rc,
         0,
