@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Plots and tables from the harness's JSON: PNG figures (bench/figures.py, matplotlib: bench/requirements.txt)
-and the Markdown tables the README quotes.
+and the Markdown tables that bench/results/README.md quotes.
 
     pip install -r bench/requirements.txt
     python3 bench/plot.py [--needle bench/results/needle-*.json] [--speed bench/results/speed-smollm2-cpu.json]
@@ -10,7 +10,10 @@ bench/plots/needle/*.png (one per method and budget) and bench/plots/retention-<
 KV kept); bench/plots/decode-speed-<model>.png, bench/results/summary.md, bench/results/profiles.md from
 bench/results/profile-*.json, bench/results/ruler.md from bench/results/ruler-*.json, bench/results/bounded.md, and
 bench/results/kvspeed.md + bench/plots/kvspeed-<name>.png from bench/results/kvspeed-*.json (llama-compresskv-bench,
-bench/gpu.sh); then refreshes the README's quoted tables.
+bench/gpu.sh); then refreshes the copies of those tables quoted between `<!-- BEGIN path -->` and
+`<!-- END path -->` in bench/results/README.md (the results page; also bench/results/tune.md, which
+bench/tune.py writes). The landing README.md keeps one static table and quotes nothing, but a marker pair
+added there is refreshed too.
 """
 import argparse
 import glob
@@ -299,19 +302,27 @@ def main():
     sync_readme()
 
 
+# the Markdown files that quote generated tables between markers, relative to the repository root
+QUOTING = ["bench/results/README.md", "README.md"]
+
+
 def sync_readme():
-    """The README quotes the tables between `<!-- BEGIN path -->` and `<!-- END path -->`: refresh them."""
-    path = os.path.join(ROOT, "README.md")
-    text = open(path).read()
-    def fill(m):
-        src = os.path.join(ROOT, m.group(1))
-        return m.group(0) if not os.path.exists(src) else \
-            f"<!-- BEGIN {m.group(1)} -->\n{open(src).read().strip()}\n<!-- END {m.group(1)} -->"
-    new = re.sub(r"<!-- BEGIN (\S+) -->\n.*?<!-- END \1 -->", fill, text, flags=re.S)
-    if new != text:
-        with open(path, "w") as f:
-            f.write(new)
-        print("updated the tables in README.md")
+    """Files in QUOTING quote the tables between `<!-- BEGIN path -->` and `<!-- END path -->`: refresh them."""
+    for rel in QUOTING:
+        path = os.path.join(ROOT, rel)
+        if not os.path.exists(path):
+            continue
+        text = open(path).read()
+
+        def fill(m):
+            src = os.path.join(ROOT, m.group(1))
+            return m.group(0) if not os.path.exists(src) else \
+                f"<!-- BEGIN {m.group(1)} -->\n{open(src).read().strip()}\n<!-- END {m.group(1)} -->"
+        new = re.sub(r"<!-- BEGIN (\S+) -->\n.*?<!-- END \1 -->", fill, text, flags=re.S)
+        if new != text:
+            with open(path, "w") as f:
+                f.write(new)
+            print(f"updated the tables in {rel}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@
 //! ties in every order: the lower layer index first. round() rounds half away from zero.
 //! ```
 //!
-//! Contract (DESIGN §1.3): the result has one budget per layer (clamped to `n_tokens` afterwards by
+//! Contract (docs/design.md §1.3): the result has one budget per layer (clamped to `n_tokens` afterwards by
 //! the caller), summing exactly to `avg * n_layer`.
 //! - Uniform: `avg` everywhere.
 //! - Pyramid (PyramidKV): linear from `max = 2*avg - min` at layer 0 down to `min = avg / beta` at the

@@ -1,6 +1,6 @@
 //! Views of one layer's K or V buffer, shaped as llama.cpp stores them.
 //!
-//! Two layouts (DESIGN §2.2):
+//! Two layouts (docs/design.md §2.2):
 //! - [`Layout::Rows`]: one row per cell; row `c` starts at byte `c * row_stride` and holds `n_embd`
 //!   elements (`n_head_kv * head_dim`, heads contiguous). K always, V with flash attention.
 //! - [`Layout::Transposed`]: one row per channel; channel `j` starts at byte `j * chan_stride` and holds

@@ -1,4 +1,4 @@
-//! A slow, obviously-correct reference of the compression pipeline (DESIGN §1.1, §1.3 and the
+//! A slow, obviously-correct reference of the compression pipeline (docs/design.md §1.1, §1.3 and the
 //! contracts of `score`, `select`, `budget` and `plan`), written for clarity, not speed.
 //!
 //! Arithmetic is f64 wherever the library may use f32: dense logits, a full softmax per window query,
@@ -203,7 +203,7 @@ pub fn streaming(n: usize, ws: usize, n_sink: usize, k: usize) -> Vec<u32> {
     (0..n).filter(|&i| kept[i]).map(|i| i as u32).collect()
 }
 
-/// Per-layer budgets, DESIGN §1.3 and the PyramidKV schedule, one token at a time.
+/// Per-layer budgets, docs/design.md §1.3 and the PyramidKV schedule, one token at a time.
 pub fn allocate(alloc: &Allocation, avg: usize, n_layer: usize, floor: usize) -> Vec<usize> {
     let total = avg * n_layer;
     match alloc {
