@@ -1,8 +1,12 @@
-//! The C ABI from C: compile `examples/c/ckv_example.c` against the static library and run it.
+//! The C ABI from C: compile C programs against the static library and run them.
 //!
-//! The example exercises every function of `include/compresskv.h`, every refusal, and byte-exact
-//! compaction of f16 (rows and transposed) and q8_0 caches; it prints `N passed, M failed` and exits
-//! non-zero on any failure. This test fails (never skips) if no C compiler can be run.
+//! - `tests/c/ckv_abi_test.c` exercises every function of `include/compresskv.h`, every refusal, and
+//!   byte-exact compaction of f16 (rows and transposed) and q8_0 caches; it prints `N passed, M failed` and
+//!   exits non-zero on any failure.
+//! - `examples/c/ckv_example.c`, the short example for embedders, must build warning-free, keep the tokens
+//!   its queries point at, and move their rows where the plan says.
+//!
+//! These tests fail (never skip) if no C compiler can be run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,11 +68,12 @@ fn staticlib() -> PathBuf {
     lib
 }
 
-#[test]
-fn c_example_passes() {
+/// Compile `source` (relative to the crate root) against the static library with `-Werror`, run it, and
+/// return its exit status, stdout and stderr.
+fn compile_and_run(source: &str, name: &str) -> (std::process::ExitStatus, String, String) {
     let lib = staticlib();
     let root = Path::new(MANIFEST_DIR);
-    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("ckv_example_c-{}", std::process::id()));
+    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
 
     let compiler = cc::Build::new()
         .target(env!("COMPRESSKV_TARGET"))
@@ -85,7 +90,7 @@ fn c_example_passes() {
         .arg("-Werror")
         .arg("-I")
         .arg(root.join("include"))
-        .arg(root.join("examples/c/ckv_example.c"))
+        .arg(root.join(source))
         .arg("-o")
         .arg(&exe)
         .arg(&lib)
@@ -98,7 +103,7 @@ fn c_example_passes() {
     });
     assert!(
         out.status.success(),
-        "compiling ckv_example.c failed: {:?}\n{}{}",
+        "compiling {source} failed: {:?}\n{}{}",
         cmd,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -107,15 +112,22 @@ fn c_example_passes() {
     let run = Command::new(&exe)
         .env("RUST_BACKTRACE", "0")
         .output()
-        .expect("running the C example");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
+        .unwrap_or_else(|e| panic!("running {source}: {e}"));
     let _ = std::fs::remove_file(&exe);
+    (
+        run.status,
+        String::from_utf8_lossy(&run.stdout).into_owned(),
+        String::from_utf8_lossy(&run.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn c_abi_test_passes() {
+    let (status, stdout, stderr) = compile_and_run("tests/c/ckv_abi_test.c", "ckv_abi_test_c");
     let summary = stdout.lines().last().unwrap_or("").to_string();
     assert!(
-        run.status.success(),
-        "the C example failed ({}):\n{stdout}\n{stderr}",
-        run.status
+        status.success(),
+        "the C ABI test failed ({status}):\n{stdout}\n{stderr}"
     );
     let (passed, failed) = summary
         .strip_suffix(" failed")
@@ -125,4 +137,50 @@ fn c_example_passes() {
     assert_eq!(failed, 0, "{stdout}\n{stderr}");
     assert!(passed >= 200, "only {passed} checks ran:\n{stdout}");
     println!("{stdout}");
+}
+
+/// The example: SnapKV, budget 16 of 48 tokens, queries pointing at tokens 5, 17 and 30.
+#[test]
+fn c_example_runs() {
+    let (status, stdout, stderr) = compile_and_run("examples/c/ckv_example.c", "ckv_example_c");
+    assert!(status.success(), "the C example failed ({status}):\n{stdout}\n{stderr}");
+    println!("{stdout}");
+    let version = format!("compresskv {}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(stdout.lines().next(), Some(version.as_str()), "{stdout}");
+    assert!(stdout.contains("plan: 48 tokens -> 16 cells\n"), "{stdout}");
+    // the deliberate refusal: its status name and the library's message
+    assert!(
+        stdout.contains("a short K buffer is refused: CKV_ERR_SIZE (ckv_compact: "),
+        "{stdout}"
+    );
+    // "layer L: kept N: t0 t1 ..."
+    let layers: Vec<Vec<i32>> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("layer "))
+        .map(|l| {
+            let (n, rest) = l
+                .split_once(": kept ")
+                .and_then(|(_, r)| r.split_once(": "))
+                .unwrap_or_else(|| panic!("layer line {l:?}"));
+            let n: usize = n.parse().unwrap_or_else(|_| panic!("layer line {l:?}"));
+            let kept: Vec<i32> = rest
+                .split_whitespace()
+                .map(|t| t.parse().expect("token index"))
+                .collect();
+            assert_eq!(kept.len(), n, "{l}");
+            kept
+        })
+        .collect();
+    assert_eq!(layers.len(), 2, "{stdout}");
+    for kept in &layers {
+        assert_eq!(kept.len(), 16, "{stdout}");
+        assert!(kept.windows(2).all(|w| w[0] < w[1]), "not ascending: {kept:?}");
+        for t in [5, 17, 30].into_iter().chain(40..48) {
+            assert!(kept.contains(&t), "token {t} not kept: {kept:?}");
+        }
+    }
+    assert!(
+        stdout.contains("ok: the kept tokens' rows are in cells 16..31"),
+        "{stdout}"
+    );
 }
