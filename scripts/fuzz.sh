@@ -155,7 +155,7 @@ import json, sys
 status, reports, passed, secs, commit = sys.argv[1:]
 path = "bench/results/fuzz.json"
 d = json.load(open(path))
-d["asan_llama"] = {"commit": commit, "tests": "tests/e2e_llama.rs, 11 compression-path tests (scripts/fuzz.sh --asan-llama)",
+d["asan_llama"] = {"commit": commit, "tests": "tests/e2e_llama/, 11 compression-path tests (scripts/fuzz.sh --asan-llama)",
                    "cargo_test_status": int(status), "passed": int(passed), "asan_reports": int(reports), "seconds": int(secs),
                    "binaries": "vendor/build-asan (RelWithDebInfo, -fsanitize=address, library with -Zsanitizer=address)",
                    "asan_options": "detect_leaks=0, log_path: one file per report"}

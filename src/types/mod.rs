@@ -12,7 +12,7 @@
 //! holds the type table and the dispatch.
 //!
 //! Bit-identity with ggml is tested three ways: hand-computed vectors in each format's unit tests;
-//! vectors produced by ggml's own C functions (tests/formats_compact.rs); random blocks against an
+//! vectors produced by ggml's own C functions (tests/formats_compact/); random blocks against an
 //! independent per-element reference (same file). Every f16 pattern is checked exhaustively.
 
 mod bf16;
