@@ -14,11 +14,72 @@ series=(
   "0003-common-compresskv-flags.patch:common/common.h common/common.cpp common/arg.cpp"
   "0004-tools-compress-after-prefill.patch:tools/completion/completion.cpp tools/server/server-context.cpp"
 )
+# Subject and message of each patch: what it does and why it must live inside llama.cpp
+message() {
+  case "$1" in
+    0001-*) cat <<'MSG'
+Subject: [PATCH 1/4] build: LLAMA_COMPRESSKV option
+
+Add the LLAMA_COMPRESSKV option (OFF by default) and the paths of the compresskv library
+(LLAMA_COMPRESSKV_DIR holds include/compresskv.h, LLAMA_COMPRESSKV_LIB is libcompresskv.a). With the
+option on, libllama links the library and defines LLAMA_COMPRESSKV; with it off nothing changes but one
+source file, src/llama-compresskv.cpp, whose llama.h functions then report that compression is not built in.
+MSG
+    ;;
+    0002-*) cat <<'MSG'
+Subject: [PATCH 2/4] llama: llama_kv_compress, KV-cache compression after prefill
+
+What must live inside llama.cpp to compress a sequence's KV cache right after its prompt was decoded:
+- llama.h: llama_kv_compress() and helpers, without #ifdef (without the option they report that
+  compression is not built in); options are a "key=value;" string the compresskv library parses;
+- query capture in build_attn (the queries as attention sees them, post-RoPE and rotated like K);
+- moving the kept cells to the lowest cells of the sequence (in place on host buffers through the library,
+  by a gather graph on device buffers) and rewriting the cell metadata;
+- a per-layer mask bias for the exact and mask forms;
+- refusing position edits inside a compressed prompt, and marking compressed sequences in saved states
+  (own session versions, so that a build without compresskv refuses them cleanly).
+The policy (window placement, budgets, method parameters, profiles, stats) is the library's: each step asks
+it through ckv_request_* before touching the cache, and any refusal leaves the cache as it was.
+MSG
+    ;;
+    0003-*) cat <<'MSG'
+Subject: [PATCH 3/4] common: --compresskv flags
+
+The --compresskv-* flags of llama-completion, llama-cli and llama-server. Each flag appends key=value to
+one options string, validated at parse time by the library (the error names the flag); --help shows the
+library's defaults. common_compresskv() compresses after prefill, common_compresskv_fit() before the cache
+would overflow (bounded-memory prefill).
+MSG
+    ;;
+    0004-*) cat <<'MSG'
+Subject: [PATCH 4/4] tools: compress after prefill in completion and server
+
+Call common_compresskv() where the prompt is done: llama-completion after the last prompt batch (and
+bounded-memory prefill of prompts longer than the context, compressed sessions), llama-server (and
+llama-cli, which runs on it) where a slot moves from prompt processing to generation. A compressed slot
+turns off prefix reuse, context shift and the prompt cache, which would edit positions it no longer holds.
+MSG
+    ;;
+  esac
+  echo
+}
+
 listed=()
 for entry in "${series[@]}"; do
   name=${entry%%:*}; files=${entry#*:}
   # shellcheck disable=SC2086
-  git diff --cached upstream -- $files > "$out/$name"
+  {
+    # the form of `git format-patch`: a mail header, what and why, a diffstat, the diff (fixed date and author so
+    # that the files change only when the code does; vendor/fetch.sh applies them with `patch -p1`)
+    echo "From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001"
+    echo "From: compresskv <compresskv@localhost>"
+    echo "Date: Thu, 1 Oct 2026 00:00:00 +0000"
+    message "$name"
+    echo "---"
+    git diff --cached --stat=100 upstream -- $files
+    echo
+    git diff --cached upstream -- $files
+  } > "$out/$name"
   listed+=($files)
   echo "$name: $(grep -c '^+' "$out/$name") lines added"
 done
