@@ -110,7 +110,12 @@ mod llama {
             // the driver's at run time
             let home = env::var("CUDA_PATH").unwrap_or_else(|_| "/usr/local/cuda".into());
             println!("cargo:rerun-if-env-changed=CUDA_PATH");
-            for dir in ["lib64", "lib64/stubs", "targets/x86_64-linux/lib", "targets/x86_64-linux/lib/stubs"] {
+            for dir in [
+                "lib64",
+                "lib64/stubs",
+                "targets/x86_64-linux/lib",
+                "targets/x86_64-linux/lib/stubs",
+            ] {
                 println!("cargo:rustc-link-search=native={home}/{dir}");
             }
             for lib in ["cudart", "cublas", "cublasLt", "cuda"] {

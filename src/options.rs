@@ -120,8 +120,21 @@ impl Default for Options {
 
 /// The keys [`Options::set`] takes, in the order `--help` lists them.
 pub const KEYS: &[&str] = &[
-    "method", "budget", "ratio", "budget_avg", "window", "anchor", "window_end", "pool", "chunk", "sink",
-    "per_head", "form", "preset", "profile", "stats",
+    "method",
+    "budget",
+    "ratio",
+    "budget_avg",
+    "window",
+    "anchor",
+    "window_end",
+    "pool",
+    "chunk",
+    "sink",
+    "per_head",
+    "form",
+    "preset",
+    "profile",
+    "stats",
 ];
 
 impl Method {
@@ -152,7 +165,9 @@ impl Method {
 fn int(key: &str, v: &str, min: u32) -> Result<u32> {
     match v.trim().parse::<u32>() {
         Ok(x) if x >= min => Ok(x),
-        _ => Err(Error::InvalidArg(format!("{key} must be an integer >= {min}, not '{v}'"))),
+        _ => Err(Error::InvalidArg(format!(
+            "{key} must be an integer >= {min}, not '{v}'"
+        ))),
     }
 }
 
@@ -165,10 +180,14 @@ fn boolean(key: &str, v: &str) -> Result<bool> {
 }
 
 fn one_of<T: Copy>(key: &str, v: &str, table: &[(&str, T)]) -> Result<T> {
-    table.iter().find(|(n, _)| *n == v.trim()).map(|(_, t)| *t).ok_or_else(|| {
-        let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
-        Error::InvalidArg(format!("{key} must be {}, not '{v}'", names.join(", ")))
-    })
+    table
+        .iter()
+        .find(|(n, _)| *n == v.trim())
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+            Error::InvalidArg(format!("{key} must be {}, not '{v}'", names.join(", ")))
+        })
 }
 
 fn table_name<T: PartialEq>(table: &[(&str, T)], v: T) -> String {
@@ -209,7 +228,9 @@ impl Options {
             "pool" => {
                 let p = int(key, value, 1)?;
                 if p % 2 == 0 {
-                    return Err(Error::InvalidArg(format!("pool must be an odd number >= 1, not '{value}'")));
+                    return Err(Error::InvalidArg(format!(
+                        "pool must be an odd number >= 1, not '{value}'"
+                    )));
                 }
                 self.pool = p;
             }
@@ -274,10 +295,20 @@ impl Options {
             "chunk" => self.chunk.to_string(),
             "sink" => self.sink.to_string(),
             "form" => table_name(FORMS, self.form),
-            "preset" => if self.window == 8 && self.pool == 5 && self.chunk == 0 && self.anchor == Anchor::End { "paper" } else { "default" }.into(),
+            "preset" => if self.window == 8 && self.pool == 5 && self.chunk == 0 && self.anchor == Anchor::End {
+                "paper"
+            } else {
+                "default"
+            }
+            .into(),
             "profile" => self.profile.clone().unwrap_or_default(),
             "stats" => self.stats.clone().unwrap_or_default(),
-            _ => return Err(Error::InvalidArg(format!("unknown option '{key}' (expected one of {})", KEYS.join(", ")))),
+            _ => {
+                return Err(Error::InvalidArg(format!(
+                    "unknown option '{key}' (expected one of {})",
+                    KEYS.join(", ")
+                )))
+            }
         })
     }
 
@@ -376,6 +407,9 @@ mod tests {
     fn streamingllm_gets_its_sinks() {
         let o = Options::parse("method=streamingllm").unwrap();
         assert_eq!(o.params(100).n_sink, 4);
-        assert_eq!(Options::parse("method=streamingllm;sink=2").unwrap().params(100).n_sink, 2);
+        assert_eq!(
+            Options::parse("method=streamingllm;sink=2").unwrap().params(100).n_sink,
+            2
+        );
     }
 }

@@ -270,7 +270,12 @@ impl Request {
         } else {
             self.decode_pos
         };
-        Slots { dst, pos: slot_pos, mark, need_mask }
+        Slots {
+            dst,
+            pos: slot_pos,
+            mark,
+            need_mask,
+        }
     }
 }
 
@@ -321,7 +326,10 @@ mod tests {
         eog[190] = 1;
         eog[100] = 1; // an earlier turn
         let r = Request::new(Options::parse("budget=50;window=8").unwrap(), &seq(&pos, Some(&eog))).unwrap();
-        assert_eq!((r.ws, r.we, r.n_decode, r.decode_pos, r.anchor), (182, 190, 18, 182, "question"));
+        assert_eq!(
+            (r.ws, r.we, r.n_decode, r.decode_pos, r.anchor),
+            (182, 190, 18, 182, "question")
+        );
         // too far from the end: the window ends at the end
         let mut eog = vec![0u8; 200];
         eog[100] = 1;
@@ -355,7 +363,10 @@ mod tests {
         let mut s = seq(&pos, None);
         s.n_probe = 6;
         let r = Request::new(Options::parse("budget=20").unwrap(), &s).unwrap();
-        assert_eq!((r.n_decode, r.decode_pos, r.keep_last, r.anchor), (6, 100, true, "probe"));
+        assert_eq!(
+            (r.n_decode, r.decode_pos, r.keep_last, r.anchor),
+            (6, 100, true, "probe")
+        );
         let cells: Vec<i32> = (0..106).collect();
         let cpos: Vec<i32> = (0..106).collect();
         let (c, p) = r.plan_cells(&cells, &cpos).unwrap();

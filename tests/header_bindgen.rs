@@ -242,7 +242,10 @@ fn header_matches_rust_exports() {
         .filter(|p| p.extension().is_some_and(|x| x == "rs"))
         .collect();
     files.sort();
-    let src: String = files.iter().map(|f| format!("\n{}", std::fs::read_to_string(f).unwrap())).collect();
+    let src: String = files
+        .iter()
+        .map(|f| format!("\n{}", std::fs::read_to_string(f).unwrap()))
+        .collect();
 
     // Functions, both ways.
     let header = header_functions(&b);
@@ -318,7 +321,17 @@ fn header_matches_rust_exports() {
             shape,
             fingerprint
         }),
-        mirror!(ckv_seq_desc { size, n, pos, compressed, eog, n_tokens, n_probe, n_ubatch, iswa }),
+        mirror!(ckv_seq_desc {
+            size,
+            n,
+            pos,
+            compressed,
+            eog,
+            n_tokens,
+            n_probe,
+            n_ubatch,
+            iswa
+        }),
         mirror!(ckv_request_info {
             skip,
             method,

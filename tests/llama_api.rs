@@ -498,17 +498,33 @@ fn options_are_checked_and_defaulted_by_the_library_through_llama_h() {
     assert!(unsafe { sys::llama_kv_compress_supported() });
     let mut buf = [0 as c_char; 256];
     let ok = CString::new("budget=512;method=snapkv;chunk=0").unwrap();
-    assert_eq!(unsafe { sys::llama_kv_compress_check(ok.as_ptr(), buf.as_mut_ptr(), buf.len()) }, 0);
-    for (bad, key) in [("budget=0", "budget"), ("method=magic", "method"), ("pool=4", "pool"), ("nope=1", "nope")] {
+    assert_eq!(
+        unsafe { sys::llama_kv_compress_check(ok.as_ptr(), buf.as_mut_ptr(), buf.len()) },
+        0
+    );
+    for (bad, key) in [
+        ("budget=0", "budget"),
+        ("method=magic", "method"),
+        ("pool=4", "pool"),
+        ("nope=1", "nope"),
+    ] {
         let c = CString::new(bad).unwrap();
-        assert_eq!(unsafe { sys::llama_kv_compress_check(c.as_ptr(), buf.as_mut_ptr(), buf.len()) }, -1, "{bad}");
+        assert_eq!(
+            unsafe { sys::llama_kv_compress_check(c.as_ptr(), buf.as_mut_ptr(), buf.len()) },
+            -1,
+            "{bad}"
+        );
         assert!(text(&buf).contains(key), "{bad}: {}", text(&buf));
     }
     let get = |opts: Option<&CString>, key: &str| {
         let k = CString::new(key).unwrap();
         let mut b = [0 as c_char; 64];
         let p = opts.map_or(std::ptr::null(), |o| o.as_ptr());
-        assert_eq!(unsafe { sys::llama_kv_compress_option(p, k.as_ptr(), b.as_mut_ptr(), b.len()) }, 0, "{key}");
+        assert_eq!(
+            unsafe { sys::llama_kv_compress_option(p, k.as_ptr(), b.as_mut_ptr(), b.len()) },
+            0,
+            "{key}"
+        );
         text(&b)
     };
     assert_eq!(get(None, "budget"), "256");
@@ -521,7 +537,15 @@ fn options_are_checked_and_defaulted_by_the_library_through_llama_h() {
     let ctx = prefilled(model);
     let bad = CString::new("budget=-5").unwrap();
     let rc = unsafe {
-        sys::llama_kv_compress(ctx.ctx, 0, toks.as_ptr(), toks.len() as i32, std::ptr::null(), 0, bad.as_ptr())
+        sys::llama_kv_compress(
+            ctx.ctx,
+            0,
+            toks.as_ptr(),
+            toks.len() as i32,
+            std::ptr::null(),
+            0,
+            bad.as_ptr(),
+        )
     };
     assert_eq!(rc, -1);
     assert_eq!(ctx.pos_range(), (0, toks.len() as i32 - 1));

@@ -12,13 +12,13 @@ use super::profile::model_identity;
 use super::types::*;
 use crate::budget;
 use crate::error::{Error, Result};
+use crate::options::{Form, Options};
 use crate::plan::Method;
+use crate::profile::find_profile;
 use crate::profile::Profile;
+use crate::request::{Request, Sequence, Slots};
 use std::ffi::{c_char, CStr, CString};
 use std::mem::size_of;
-use crate::options::{Form, Options};
-use crate::profile::find_profile;
-use crate::request::{Request, Sequence, Slots};
 use std::path::PathBuf;
 
 const REQUEST_MAGIC: u64 = 0x636b_765f_7265_7175; // "ckv_requ"
@@ -222,7 +222,11 @@ pub unsafe extern "C" fn ckv_request_new(
         // SAFETY: forwarded to the caller.
         let s = unsafe { deref(seq, "seq") }?;
         if s.size < size_of::<ckv_seq_desc>() {
-            return Err(Error::InvalidArg(format!("seq.size {} < {}", s.size, size_of::<ckv_seq_desc>())));
+            return Err(Error::InvalidArg(format!(
+                "seq.size {} < {}",
+                s.size,
+                size_of::<ckv_seq_desc>()
+            )));
         }
         let n = nonneg(s.n, "seq.n")?;
         let n_tokens = nonneg(s.n_tokens, "seq.n_tokens")?;
@@ -296,7 +300,11 @@ pub unsafe extern "C" fn ckv_request_info_get(req: *mut ckv_request, info: *mut 
             keep_last: r.keep_last as i32,
             text_index,
             text_len: if r.n_probe > 0 { r.n_probe } else { r.we - r.ws } as i32,
-            note: if h.note.as_bytes().is_empty() { std::ptr::null() } else { h.note.as_ptr() },
+            note: if h.note.as_bytes().is_empty() {
+                std::ptr::null()
+            } else {
+                h.note.as_ptr()
+            },
             note_warn: h.note_warn as i32,
         };
         // SAFETY: checked non-null and aligned; the caller provides a whole struct.
@@ -396,17 +404,22 @@ pub unsafe extern "C" fn ckv_request_plan(
             fill: prm.fill as i32,
             ..ckv_params::default()
         };
-        let ph = profile.map(|profile| Box::new(ckv_profile { magic: PROFILE_MAGIC, profile }));
+        let ph = profile.map(|profile| {
+            Box::new(ckv_profile {
+                magic: PROFILE_MAGIC,
+                profile,
+            })
+        });
         let pp: *const ckv_profile = ph.as_deref().map_or(std::ptr::null(), |b| b as *const ckv_profile);
         let mut out: *mut ckv_plan = std::ptr::null_mut();
         // SAFETY: `cp`, the shape, `ph` and the cells are ours and live for the call; `keys` and `queries` are
         // forwarded to the caller, who guarantees them as ckv_plan_create documents.
-        let st = unsafe {
-            ckv_plan_create(&cp, &m.shape, pp, c.as_ptr(), c.len() as i32, keys, queries, &mut out)
-        };
+        let st = unsafe { ckv_plan_create(&cp, &m.shape, pp, c.as_ptr(), c.len() as i32, keys, queries, &mut out) };
         if st != CKV_OK {
             // SAFETY: ckv_last_error returns a NUL-terminated string that lives until the next failing call.
-            let msg = unsafe { CStr::from_ptr(super::ckv_last_error()) }.to_string_lossy().into_owned();
+            let msg = unsafe { CStr::from_ptr(super::ckv_last_error()) }
+                .to_string_lossy()
+                .into_owned();
             return Err(Error::InvalidArg(format!("planning failed: {msg}")));
         }
         // SAFETY: ckv_plan_create returned CKV_OK: `out` is a live handle from Box::into_raw, owned here now.
@@ -431,7 +444,10 @@ pub unsafe extern "C" fn ckv_request_plan_get(req: *mut ckv_request) -> *const c
 }
 
 fn slots_of(h: &ckv_request) -> Result<Slots> {
-    let plan = h.plan.as_ref().ok_or_else(|| Error::InvalidArg("the request has no plan".into()))?;
+    let plan = h
+        .plan
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArg("the request has no plan".into()))?;
     Ok(h.req.slots(plan.plan(), &h.cells, &h.pos))
 }
 
@@ -505,9 +521,16 @@ pub unsafe extern "C" fn ckv_request_finish(
         // SAFETY: forwarded to the caller.
         let f = unsafe { deref(facts, "facts") }?;
         if f.size < size_of::<ckv_request_facts>() {
-            return Err(Error::InvalidArg(format!("facts.size {} < {}", f.size, size_of::<ckv_request_facts>())));
+            return Err(Error::InvalidArg(format!(
+                "facts.size {} < {}",
+                f.size,
+                size_of::<ckv_request_facts>()
+            )));
         }
-        let plan = h.plan.as_ref().ok_or_else(|| Error::InvalidArg("the request has no plan".into()))?;
+        let plan = h
+            .plan
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArg("the request has no plan".into()))?;
         let r = &h.req;
         // SAFETY: the strings of `facts` are forwarded to the caller.
         let (tk, tv, compact, checksum, text) = unsafe {
@@ -520,10 +543,19 @@ pub unsafe extern "C" fn ckv_request_finish(
             )
         };
         let window = text.map(|t| {
-            let (start, len) = if r.n_probe > 0 { (r.p_next, r.n_probe) } else { (r.decode_pos, r.we - r.ws) };
+            let (start, len) = if r.n_probe > 0 {
+                (r.p_next, r.n_probe)
+            } else {
+                (r.decode_pos, r.we - r.ws)
+            };
             json!({"start": start, "len": len, "anchor": r.anchor, "text": t})
         });
-        let layers: Vec<_> = plan.plan().layers.iter().map(|l| json!({"kept": l.groups.first().map_or(0, |g| g.kept.len())})).collect();
+        let layers: Vec<_> = plan
+            .plan()
+            .layers
+            .iter()
+            .map(|l| json!({"kept": l.groups.first().map_or(0, |g| g.kept.len())}))
+            .collect();
         let plan_json: serde_json::Value = serde_json::from_str(&stats_json(plan)).unwrap_or_default();
         let n_after = f.n_after.max(0) as u64;
         let line = json!({
