@@ -10,31 +10,8 @@ use std::ffi::{c_char, CString};
 
 use super::{sys, Context, Model, Token};
 
-/// The compression method (`--method` of llama-compresskv-bench).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Method {
-    /// Semantic retrieval heads + error-weighted layer budgets.
-    CompressKv,
-    /// All heads, uniform budgets.
-    SnapKv,
-    /// All heads, pyramid budgets.
-    PyramidKv,
-    /// Sink + recent tokens.
-    StreamingLlm,
-}
-
-impl Method {
-    /// The method named `name` (compresskv, snapkv, pyramidkv, streamingllm).
-    pub fn parse(name: &str) -> Option<Method> {
-        Some(match name {
-            "compresskv" => Method::CompressKv,
-            "snapkv" => Method::SnapKv,
-            "pyramidkv" => Method::PyramidKv,
-            "streamingllm" => Method::StreamingLlm,
-            _ => return None,
-        })
-    }
-}
+/// The compression method: the library's one table of methods and their names.
+pub use compresskv::plan::Method;
 
 /// Where the evicted cells go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,12 +75,7 @@ pub fn defaults() -> Defaults {
 
 /// The options string of `o`.
 fn options_text(o: &Options) -> String {
-    let method = match o.method {
-        Method::CompressKv => "compresskv",
-        Method::SnapKv => "snapkv",
-        Method::PyramidKv => "pyramidkv",
-        Method::StreamingLlm => "streamingllm",
-    };
+    let method = o.method.name();
     let mut s = format!("{BASE};method={method};budget={}", o.budget);
     match o.form {
         Form::Default | Form::Compact => {}

@@ -179,9 +179,12 @@ fn main() -> ExitCode {
     let Some(type_v) = type_of(&a.cache_type_v, "-ctv") else {
         return ExitCode::from(2);
     };
-    let Some(method) = Method::parse(&a.method) else {
-        eprintln!("error: unknown method '{}'", a.method);
-        return ExitCode::from(2);
+    let method = match Method::from_name(&a.method) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     };
     let fa = match a.flash_attn {
         Fa::On => FlashAttn::On,
