@@ -202,6 +202,11 @@ ckv_status ckv_plan_budget(const ckv_plan * plan, int32_t il, int32_t * out);
  * Validates every move of every layer first: on error nothing was written. */
 ckv_status ckv_compact(const ckv_plan * plan, const ckv_buffer * k, const ckv_buffer * v);
 
+/* 64-bit FNV-1a, as 16 hex digits into buf (at least 17 bytes), of the bytes of cells[0..n_cells) in k[l] then
+ * v[l] for every layer l < n_layer in order (tests: compares compaction paths byte for byte). */
+ckv_status ckv_checksum(const ckv_buffer * k, const ckv_buffer * v, int32_t n_layer, const int32_t * cells,
+                        int32_t n_cells, char * buf, size_t buf_size);
+
 /* The plan as a JSON object (method, n_prompt, budget, window, pool, chunk, layers[{budget, kept}],
  * ms_score, ...) into buf. *needed gets the length without the NUL; if buf_size <= *needed, nothing is
  * written and CKV_ERR_SIZE is returned (buf may then be NULL). needed may be NULL. */
@@ -300,6 +305,11 @@ const ckv_plan * ckv_request_plan_get(ckv_request * req);
  * hides some of its slots (per-layer masks). */
 ckv_status ckv_request_slots(ckv_request * req, int32_t * dst, int32_t * pos, int32_t cap,
                              int32_t * n_slots, int32_t * mark, int32_t * need_mask);
+
+/* The per-layer mask when *need_mask: n flags for layer il, 1 = hidden from that layer. Exact form: one per slot
+ * of ckv_request_slots (the slots past the layer's kept cells); mask form: one per planned cell, in place (the
+ * cells the layer did not keep; a cell hidden from every layer is freed). */
+ckv_status ckv_request_hidden(ckv_request * req, int32_t il, uint8_t * out, int32_t n);
 
 /* The stats line (one JSON object), appended to the stats option's file and copied to buf (may be NULL);
  * *len gets its length (may be NULL). */

@@ -22,8 +22,9 @@ Subject: [PATCH 1/4] build: LLAMA_COMPRESSKV option
 
 Add the LLAMA_COMPRESSKV option (OFF by default) and the paths of the compresskv library
 (LLAMA_COMPRESSKV_DIR holds include/compresskv.h, LLAMA_COMPRESSKV_LIB is libcompresskv.a). With the
-option on, libllama links the library and defines LLAMA_COMPRESSKV; with it off nothing changes but one
-source file, src/llama-compresskv.cpp, whose llama.h functions then report that compression is not built in.
+option on, libllama links the library and defines LLAMA_COMPRESSKV; with it off the llama.h functions of
+src/llama-compresskv.cpp report that compression is not built in (the cache's side of the feature, inert
+until a sequence is compressed, is compiled either way).
 MSG
     ;;
     0002-*) cat <<'MSG'
@@ -37,17 +38,19 @@ What must live inside llama.cpp to compress a sequence's KV cache right after it
   by a gather graph on device buffers) and rewriting the cell metadata;
 - a per-layer mask bias for the exact and mask forms;
 - refusing position edits inside a compressed prompt, and marking compressed sequences in saved states
-  (own session versions, so that a build without compresskv refuses them cleanly).
-The policy (window placement, budgets, method parameters, profiles, stats) is the library's: each step asks
-it through ckv_request_* before touching the cache, and any refusal leaves the cache as it was.
+  (a block whose magic takes the place of n_stream, so that a build without it refuses them cleanly).
+Only the code that calls the library is behind #ifdef LLAMA_COMPRESSKV; the rest is inert until a sequence
+is compressed. The policy (window placement, budgets, method parameters, profiles, per-layer masks, stats)
+is the library's: each step asks it through ckv_request_* before touching the cache, and any refusal leaves
+the cache as it was.
 MSG
     ;;
     0003-*) cat <<'MSG'
 Subject: [PATCH 3/4] common: --compresskv flags
 
 The --compresskv-* flags of llama-completion, llama-cli and llama-server. Each flag appends key=value to
-one options string, validated at parse time by the library (the error names the flag); --help shows the
-library's defaults. common_compresskv() compresses after prefill, common_compresskv_fit() before the cache
+one options string, validated at parse time by the library (the error names the flag, also when
+compression is not built in); --help shows the library's defaults. common_compresskv() compresses after prefill, common_compresskv_fit() before the cache
 would overflow (bounded-memory prefill).
 MSG
     ;;

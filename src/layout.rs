@@ -212,6 +212,26 @@ impl<'a> LayerView<'a> {
         self.data
     }
 
+    /// 64-bit FNV-1a of the bytes of `cells`, in order, continuing from `h`: each cell's row (`Rows`), or its
+    /// element of every channel in channel order (`Transposed`). Compares compaction paths byte for byte.
+    /// Panics on a cell out of range (callers validate once up front).
+    pub fn fnv1a(&self, cells: &[usize], mut h: u64) -> u64 {
+        let cb = self.geom.cell_bytes();
+        let mut eat = |at: usize| {
+            for &b in &self.data[at..at + cb] {
+                h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+            }
+        };
+        for &c in cells {
+            assert!(c < self.geom.n_cells, "cell {c} out of range");
+            match self.geom.layout {
+                Layout::Rows { row_stride } => eat(c * row_stride),
+                Layout::Transposed { chan_stride } => (0..self.geom.n_embd).for_each(|e| eat(e * chan_stride + c * cb)),
+            }
+        }
+        h
+    }
+
     /// Dequantize elements `[elem0, elem0 + out.len())` of cell `cell` into `out`.
     ///
     /// For `Rows`, `elem0` and `out.len()` must be multiples of the block size (a head slice with

@@ -95,6 +95,9 @@ pub struct Options {
     pub profile: Option<String>,
     /// Append one JSON line per compression to this file.
     pub stats: Option<String>,
+    /// A prompt longer than the context (llama-completion): what scores the passes that make room
+    /// (`recent`: the latest tokens; `question`: the prompt's question, decoded ahead; `probe`: the probe text).
+    pub overflow: &'static str,
 }
 
 impl Default for Options {
@@ -114,6 +117,7 @@ impl Default for Options {
             form: Form::Fill,
             profile: None,
             stats: None,
+            overflow: "question",
         }
     }
 }
@@ -135,6 +139,7 @@ pub const KEYS: &[&str] = &[
     "preset",
     "profile",
     "stats",
+    "overflow",
 ];
 
 impl Method {
@@ -196,6 +201,7 @@ fn table_name<T: PartialEq>(table: &[(&str, T)], v: T) -> String {
 
 const ANCHORS: &[(&str, Anchor)] = &[("end", Anchor::End), ("question", Anchor::Question)];
 const FORMS: &[(&str, Form)] = &[("fill", Form::Fill), ("exact", Form::Exact), ("mask", Form::Mask)];
+const OVERFLOWS: &[(&str, &str)] = &[("recent", "recent"), ("question", "question"), ("probe", "probe")];
 
 impl Options {
     /// Parse `key=value` entries separated by `;` or newlines over the defaults, then validate.
@@ -248,6 +254,7 @@ impl Options {
             }
             "profile" => self.profile = Some(value.to_string()).filter(|s| !s.is_empty()),
             "stats" => self.stats = Some(value.to_string()).filter(|s| !s.is_empty()),
+            "overflow" => self.overflow = one_of(key, value, OVERFLOWS)?,
             _ => {
                 return Err(Error::InvalidArg(format!(
                     "unknown option '{key}' (expected one of {})",
@@ -303,6 +310,7 @@ impl Options {
             .into(),
             "profile" => self.profile.clone().unwrap_or_default(),
             "stats" => self.stats.clone().unwrap_or_default(),
+            "overflow" => self.overflow.to_string(),
             _ => {
                 return Err(Error::InvalidArg(format!(
                     "unknown option '{key}' (expected one of {})",

@@ -277,6 +277,20 @@ impl Request {
             need_mask,
         }
     }
+
+    /// The per-layer mask of the exact and mask forms for layer `il`, 1 = hidden: one flag per slot of
+    /// [`Request::slots`] (exact form: the slots past the layer's kept cells), or per planned cell in place
+    /// (mask form: the cells the layer did not keep). All zero in the fill form, where layers keep every slot.
+    pub fn hidden(&self, plan: &Plan, il: usize, n_cells: usize) -> Vec<u8> {
+        let kept = plan.layers[il].groups.first().map_or(&[][..], |g| &g.kept[..]);
+        if self.opts.form == Form::Mask {
+            let mut h = vec![1u8; n_cells];
+            kept.iter().for_each(|&k| h[k as usize] = 0);
+            h
+        } else {
+            (0..plan.n_slots).map(|j| u8::from(j >= kept.len())).collect()
+        }
+    }
 }
 
 /// Where the kept cells go ([`Request::slots`]).

@@ -164,6 +164,29 @@ pub(super) unsafe fn put<T>(ptr: *mut T, v: T) {
     unsafe { ptr.write(v) }
 }
 
+/// Copy `s` and a NUL into the caller's `buf` of `buf_size` bytes, or refuse (nothing written) if it does
+/// not fit.
+///
+/// # Safety
+/// `buf` is null or valid for writes of `buf_size` bytes.
+pub(super) unsafe fn put_str(buf: *mut c_char, buf_size: usize, s: &str, what: &str) -> Result<()> {
+    check_ptr(buf, what)?;
+    if buf_size <= s.len() {
+        return Err(Error::Size(format!(
+            "{what}_size: {buf_size} bytes, need {} ({} characters and a NUL)",
+            s.len() + 1,
+            s.len()
+        )));
+    }
+    // SAFETY: `buf` is non-null and valid for `buf_size > s.len()` bytes (caller, checked); `s` is a distinct
+    // allocation.
+    unsafe {
+        std::ptr::copy_nonoverlapping(s.as_ptr(), buf.cast::<u8>(), s.len());
+        buf.add(s.len()).write(0);
+    }
+    Ok(())
+}
+
 /// # Safety
 /// `p` is null or a pointer obtained from [`ckv_plan_create`](super::ckv_plan_create) and not yet freed.
 pub(super) unsafe fn plan_ref<'a>(p: *const ckv_plan) -> Result<&'a ckv_plan> {

@@ -6,11 +6,12 @@
 //! `size`; mutable views are made only after [`check_disjoint`] has proved every extent of the call disjoint;
 //! `ckv_compact` validates everything (geometry, overlap, cells the plan moves) before the first byte moves.
 
-use super::boundary::{ctx, plan_ref, run, slice_ref};
+use super::boundary::{ctx, plan_ref, put_str, run, slice_ref};
 use super::params::type_from_id;
 use super::types::*;
 use crate::error::{Error, Result};
 use crate::layout::{Geometry, LayerView, LayerViewMut, Layout};
+use std::ffi::c_char;
 
 /// Geometry of one caller buffer, validated against its own fields and its `size`.
 pub(super) fn buffer_geometry(b: &ckv_buffer, what: &str) -> Result<Geometry> {
@@ -195,10 +196,117 @@ pub unsafe extern "C" fn ckv_compact(plan: *const ckv_plan, k: *const ckv_buffer
     })
 }
 
+/// `ckv_checksum`: 64-bit FNV-1a, as 16 hex digits and a NUL into `buf`, of the bytes of `cells` in `k[l]`
+/// then `v[l]` for every layer in order (tests: compares compaction paths byte for byte).
+///
+/// # Safety
+/// `k` and `v` are null or `n_layer` buffers, each valid for reads of its `size` bytes; `cells` is null or
+/// valid for `n_cells` reads; `buf` is null or valid for writes of `buf_size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn ckv_checksum(
+    k: *const ckv_buffer,
+    v: *const ckv_buffer,
+    n_layer: i32,
+    cells: *const i32,
+    n_cells: i32,
+    buf: *mut c_char,
+    buf_size: usize,
+) -> ckv_status {
+    run("ckv_checksum", || {
+        let nl = usize::try_from(n_layer).map_err(|_| Error::InvalidArg(format!("n_layer {n_layer} < 0")))?;
+        let nc = usize::try_from(n_cells).map_err(|_| Error::InvalidArg(format!("n_cells {n_cells} < 0")))?;
+        // SAFETY: `n_layer` readable buffers each and `n_cells` cells when non-null (caller).
+        let (kb, vb, cells) = unsafe {
+            (
+                slice_ref(k, nl, "k")?,
+                slice_ref(v, nl, "v")?,
+                slice_ref(cells, nc, "cells")?,
+            )
+        };
+        let mut cs = Vec::with_capacity(nc);
+        for &c in cells {
+            cs.push(usize::try_from(c).map_err(|_| Error::InvalidArg(format!("cell {c} < 0")))?);
+        }
+        let mut h: u64 = 0xcbf29ce484222325;
+        for l in 0..nl {
+            for (b, what) in [(&kb[l], format!("k[{l}]")), (&vb[l], format!("v[{l}]"))] {
+                // SAFETY: `b.size` readable bytes at `b.data`, not written during the call (caller).
+                let view = unsafe { buffer_view(b, &what) }?;
+                if let Some(&c) = cs.iter().find(|&&c| c >= view.geometry().n_cells) {
+                    return Err(Error::InvalidArg(format!("{what} has no cell {c}")));
+                }
+                h = view.fnv1a(&cs, h);
+            }
+        }
+        // SAFETY: forwarded to the caller.
+        unsafe { put_str(buf, buf_size, &format!("{h:016x}"), "buf") }
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::boundary::last_error;
     use super::*;
     use std::ptr::null_mut;
+
+    /// Naive FNV-1a over the bytes the checksum must cover, in its order.
+    fn fnv(bytes: impl Iterator<Item = u8>) -> String {
+        let h = bytes.fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        format!("{h:016x}")
+    }
+
+    #[test]
+    fn checksum_covers_exactly_the_cells_of_every_layer() {
+        // one layer: K as rows of 4 f32 (16 bytes, stride 16), V transposed f16 (4 channels x 6 cells)
+        let mut k: Vec<u8> = (0..96).map(|i| i as u8).collect();
+        let mut v: Vec<u8> = (0..48).map(|i| (200 - i) as u8).collect();
+        let mk = |data: &mut Vec<u8>, ty, tr| ckv_buffer {
+            data: data.as_mut_ptr().cast(),
+            size: data.len(),
+            type_: ty,
+            n_embd: 4,
+            n_cells: 6,
+            transposed: tr,
+            stride: 0,
+        };
+        let cells = [4i32, 1];
+        let sum = |k: &mut Vec<u8>, v: &mut Vec<u8>, cells: &[i32]| -> std::result::Result<String, ckv_status> {
+            let (kb, vb) = (mk(k, CKV_TYPE_F32, 0), mk(v, CKV_TYPE_F16, 1));
+            let mut buf = [0 as c_char; 17];
+            // SAFETY: one live buffer each, `cells` and `buf` sized as passed.
+            let st = unsafe { ckv_checksum(&kb, &vb, 1, cells.as_ptr(), cells.len() as i32, buf.as_mut_ptr(), 17) };
+            if st != CKV_OK {
+                return Err(st);
+            }
+            // SAFETY: ckv_checksum wrote 16 hex digits and a NUL.
+            Ok(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+                .to_str()
+                .unwrap()
+                .to_string())
+        };
+        let want = {
+            let kr = cells
+                .iter()
+                .flat_map(|&c| k[c as usize * 16..c as usize * 16 + 16].to_vec());
+            let vt = cells
+                .iter()
+                .flat_map(|&c| (0..4).flat_map(move |e| [e * 12 + c as usize * 2, e * 12 + c as usize * 2 + 1]))
+                .map(|i| v[i])
+                .collect::<Vec<_>>();
+            fnv(kr.collect::<Vec<_>>().into_iter().chain(vt))
+        };
+        let got = sum(&mut k, &mut v, &cells).unwrap();
+        assert_eq!(got, want);
+        // a byte of another cell changes nothing, a byte of a covered cell changes the sum
+        k[0] ^= 0xff;
+        v[12 * 3] ^= 0xff;
+        assert_eq!(sum(&mut k, &mut v, &cells).unwrap(), want);
+        v[12 * 2 + 2] ^= 0xff;
+        assert_ne!(sum(&mut k, &mut v, &cells).unwrap(), want);
+        // a cell out of range is refused
+        assert_eq!(sum(&mut k, &mut v, &[6]), Err(CKV_ERR_INVALID_ARG));
+        assert!(last_error().contains("no cell 6"), "{}", last_error());
+    }
 
     #[test]
     fn buffers() {

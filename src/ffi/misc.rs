@@ -7,7 +7,7 @@
 
 use std::ffi::{c_char, c_void, CStr};
 
-use super::boundary::{c_str, check_ptr, run, slice_ref};
+use super::boundary::{c_str, check_ptr, put_str, run, slice_ref};
 use super::params::{nonneg, type_from_id};
 use super::types::*;
 use crate::error::Error;
@@ -48,21 +48,8 @@ pub unsafe extern "C" fn ckv_fingerprint(meta: *const c_char, buf: *mut c_char, 
     run("ckv_fingerprint", || {
         // SAFETY: the caller guarantees a NUL-terminated string or NULL.
         let s = unsafe { c_str(meta, "meta") }?;
-        check_ptr(buf, "buf")?;
-        if buf_size < 17 {
-            return Err(Error::Size(format!(
-                "buf_size {buf_size} < 17 bytes (16 hex digits and a NUL)"
-            )));
-        }
-        let fp = fingerprint_bytes(s.to_bytes());
-        debug_assert_eq!(fp.len(), 16);
-        // SAFETY: `buf` is non-null and valid for `buf_size >= 17` bytes (caller); `fp` is 16 bytes and a
-        // distinct allocation.
-        unsafe {
-            std::ptr::copy_nonoverlapping(fp.as_ptr(), buf.cast::<u8>(), 16);
-            buf.add(16).write(0);
-        }
-        Ok(())
+        // SAFETY: forwarded to the caller.
+        unsafe { put_str(buf, buf_size, &fingerprint_bytes(s.to_bytes()), "buf") }
     })
 }
 

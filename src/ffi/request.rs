@@ -490,6 +490,37 @@ pub unsafe extern "C" fn ckv_request_slots(
     })
 }
 
+/// `ckv_request_hidden`: the per-layer mask of the exact and mask forms for layer `il` (see
+/// `Request::hidden`): `n` flags, 1 = hidden from that layer; `n` is the slots of `ckv_request_slots` (exact
+/// form) or the planned cells (mask form).
+///
+/// # Safety
+/// `req` is null or a live request; `out` is null or valid for `n` writes.
+#[no_mangle]
+pub unsafe extern "C" fn ckv_request_hidden(req: *mut ckv_request, il: i32, out: *mut u8, n: i32) -> ckv_status {
+    run("ckv_request_hidden", || {
+        // SAFETY: forwarded to the caller.
+        let h = unsafe { request_mut(req) }?;
+        let plan = h
+            .plan
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArg("the request has no plan".into()))?
+            .plan();
+        let il = usize::try_from(il)
+            .ok()
+            .filter(|&l| l < plan.layers.len())
+            .ok_or_else(|| Error::InvalidArg(format!("layer {il} not in 0..{}", plan.layers.len())))?;
+        let flags = h.req.hidden(plan, il, h.cells.len());
+        if nonneg(n, "n")? != flags.len() {
+            return Err(Error::Size(format!("n {n} != {} flags of layer {il}", flags.len())));
+        }
+        check_ptr(out, "out")?;
+        // SAFETY: `out` is non-null and valid for `n == flags.len()` writes (caller, checked).
+        unsafe { std::ptr::copy_nonoverlapping(flags.as_ptr(), out, flags.len()) };
+        Ok(())
+    })
+}
+
 /// # Safety
 /// `p` is null or a NUL-terminated string.
 unsafe fn opt_str(p: *const c_char, what: &str) -> Result<Option<String>> {

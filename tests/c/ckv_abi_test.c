@@ -690,6 +690,20 @@ static void test_compact_refusals(ckv_plan * plan) {
     } else {
         REFUSED(ckv_compact(plan, C.kb, WITH_V(0, type, CKV_TYPE_F32)), CKV_ERR_SIZE, "v[0].size");
     }
+
+    /* the checksum reads the cells of every layer's K then V and writes only its 17 bytes */
+    char sum[17], sum2[17], small[16];
+    OK(ckv_checksum(C.kb, C.vb, N_LAYER, cells, N_TOK, sum, sizeof sum));
+    CHECK(strlen(sum) == 16 && unchanged());
+    OK(ckv_checksum(C.kb, C.vb, N_LAYER, cells, N_TOK, sum2, sizeof sum2));
+    CHECK(strcmp(sum, sum2) == 0);
+    OK(ckv_checksum(C.kb, C.vb, N_LAYER, cells, N_TOK - 1, sum2, sizeof sum2));
+    CHECK(strcmp(sum, sum2) != 0);
+    REFUSED(ckv_checksum(NULL, C.vb, N_LAYER, cells, N_TOK, sum, sizeof sum), CKV_ERR_NULL, "k");
+    REFUSED(ckv_checksum(C.kb, C.vb, -1, cells, N_TOK, sum, sizeof sum), CKV_ERR_INVALID_ARG, "n_layer");
+    REFUSED(ckv_checksum(C.kb, WITH_V(2, n_cells, 8), N_LAYER, cells, N_TOK, sum, sizeof sum), CKV_ERR_INVALID_ARG, "v[2]");
+    REFUSED(ckv_checksum(C.kb, C.vb, N_LAYER, cells, N_TOK, small, sizeof small), CKV_ERR_SIZE, "buf_size");
+    REFUSED(ckv_request_hidden(NULL, 0, (uint8_t *) small, 1), CKV_ERR_NULL, "req");
 #undef WITH_K
 #undef WITH_V
 }

@@ -168,16 +168,18 @@ fn prompt_longer_than_the_context_is_prefilled_in_bounded_memory() {
 /// Session files (`--prompt-cache`): with --compresskv the session is the compressed cache, saved before the
 /// last prompt token (removed from the cache's uncompressed tail and decoded again, as after a load). A second
 /// run with the same prompt loads it, does not compress again and gives the same answer; the file is a fraction
-/// of the full-cache session and carries its own version (upstream's is 10), so that a build without compresskv
-/// refuses it at its version check. The patched build without --compresskv loads it too: a compressed state is
+/// of the full-cache session and its state opens with the block that marks the compressed sequence (magic "ckv1"
+/// in the place of n_stream, so that an upstream build refuses it: "n_stream mismatch"). The patched build without --compresskv loads it too: a compressed state is
 /// a valid cache, and an edit inside its compressed prompt is refused, so a prompt that differs early is decoded
 /// from scratch instead.
 #[test]
 fn compressed_session_saves_loads_and_continues() {
-    let read_header = |p: &Path| -> (u32, u32) {
+    let read_header = |p: &Path| -> (u32, u32, bool) {
         let b = std::fs::read(p).unwrap();
         let u = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
-        (u(0), u(4))
+        // the marks block: "ckv1", one sequence, sequence 0
+        let block: Vec<u8> = [&b"ckv1"[..], &1u32.to_le_bytes(), &0i32.to_le_bytes()].concat();
+        (u(0), u(4), b.windows(block.len()).any(|w| w == block))
     };
     let session = tmpdir().join("session-compressed.bin");
     let session_full = tmpdir().join("session-full.bin");
@@ -229,11 +231,14 @@ fn compressed_session_saves_loads_and_continues() {
         (size as f64) < 0.25 * size_full as f64,
         "compressed session {size} bytes, full {size_full}"
     );
-    let (magic, version) = read_header(&session);
-    let (magic_full, version_full) = read_header(&session_full);
+    let (magic, version, marked) = read_header(&session);
+    let (magic_full, version_full, marked_full) = read_header(&session_full);
     assert_eq!((magic, magic_full), (0x6767736e, 0x6767736e), "'ggsn'");
-    assert_eq!(version_full, 10, "upstream's LLAMA_SESSION_VERSION");
-    assert_ne!(version, 10, "an upstream build must refuse the compressed session");
+    assert_eq!((version, version_full), (10, 10), "upstream's LLAMA_SESSION_VERSION");
+    assert!(
+        marked && !marked_full,
+        "only the compressed session carries the marks block"
+    );
 
     // without --compresskv the patched build loads the compressed session and continues the same
     let t = std::time::Instant::now();
@@ -270,7 +275,7 @@ fn compressed_session_saves_loads_and_continues() {
     assert_eq!(std::fs::metadata(&session).unwrap().len(), size, "read-only");
 
     eprintln!(
-        "session: compressed {size} bytes (version {version:#x}), full {size_full} bytes (version {version_full}), \
+        "session: compressed {size} bytes (version {version}), full {size_full} bytes (version {version_full}), \
          {:.1}%; run 1 {:.1} s, run 2 (loaded) {:.1} s, run 3 (loaded, no --compresskv) {:.1} s; answer {:?}",
         100.0 * size as f64 / size_full as f64,
         t_first.as_secs_f64(),
