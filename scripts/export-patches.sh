@@ -59,8 +59,11 @@ Subject: [PATCH 4/4] tools: compress after prefill in completion and server
 
 Call common_compresskv() where the prompt is done: llama-completion after the last prompt batch (and
 bounded-memory prefill of prompts longer than the context, compressed sessions), llama-server (and
-llama-cli, which runs on it) where a slot moves from prompt processing to generation. A compressed slot
-turns off prefix reuse, context shift and the prompt cache, which would edit positions it no longer holds.
+llama-cli, which runs on it) where a slot moves from prompt processing to generation; the library skips a
+sequence at most --compresskv-trigger cells long, so a conversation is compressed again only past it. A slot
+reuses its compressed history up to where a new prompt diverges, and from scratch when the cut would remove
+positions after an evicted token (the cache refuses it); context shift and chunk reuse, which shift
+positions, stay off. /slots shows each slot's cells.
 MSG
     ;;
   esac

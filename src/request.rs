@@ -7,7 +7,7 @@
 //!     refuse combinations the cache cannot hold (recompression needs the fill form, one set per layer; a
 //!         probe needs a scoring method and the fill form; iSWA needs the fill form)
 //!     budget = options.budget.cells(n)       # the one rounding rule
-//!     if budget >= n: skip                   # nothing to compress
+//!     if n <= max(budget, trigger): skip     # nothing to compress (yet: a conversation below its trigger)
 //!     window end we: the probe (after the sequence) | an explicit position | the question (last
 //!         end-of-turn token in the last 65 tokens) | the end
 //!     decode again: the window and what follows it (or the probe), which must fit one ubatch
@@ -105,8 +105,9 @@ impl Request {
         }
         let p_next = seq.pos[n - 1] + 1;
         let budget = opts.budget.cells(n);
+        let trigger = (opts.trigger as usize).max(budget);
         let mut r = Request {
-            skip: budget >= n,
+            skip: n <= trigger,
             n,
             p_next,
             budget,
@@ -122,7 +123,11 @@ impl Request {
             opts,
         };
         if r.skip {
-            r.note = Some(format!("budget {budget} >= {n} prompt tokens, nothing to compress"));
+            r.note = Some(if trigger > budget {
+                format!("{n} cells, at most the trigger {trigger}: nothing to compress yet")
+            } else {
+                format!("budget {budget} >= {n} prompt tokens, nothing to compress")
+            });
             return Ok(r);
         }
         if probe {
@@ -331,6 +336,14 @@ mod tests {
         assert!(r.skip);
         let r = Request::new(Options::parse("budget=99").unwrap(), &seq(&pos, None)).unwrap();
         assert!(!r.skip);
+        // a trigger above the budget: compressed only past it, then down to the budget
+        let r = Request::new(Options::parse("budget=50;trigger=100").unwrap(), &seq(&pos, None)).unwrap();
+        assert!(r.skip && r.note.as_deref().unwrap().contains("trigger 100"));
+        let r = Request::new(Options::parse("budget=50;trigger=99").unwrap(), &seq(&pos, None)).unwrap();
+        assert!(!r.skip && r.budget == 50);
+        // a trigger below the budget is the budget
+        let r = Request::new(Options::parse("budget=100;trigger=10").unwrap(), &seq(&pos, None)).unwrap();
+        assert!(r.skip);
     }
 
     #[test]

@@ -27,12 +27,11 @@
 //! shared with other jobs (load average 7-9).
 
 mod common;
-use common::{bin_dir, http, needle_text, script_output, smollm2_f32, tmpdir};
+use common::{http, needle_text, script_output, smollm2_f32, tmpdir, Server};
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -86,88 +85,25 @@ fn needle_prompt(essays: &Path, (place, what, _, depth): (&str, &str, [&str; 2],
     ])
 }
 
-/// The server process, killed when dropped (at the end of the test or when it panics).
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Server {
-    /// The log from byte `from` on (token pieces need not be valid UTF-8).
-    fn log_from(&self, from: usize) -> String {
-        let bytes = std::fs::read(&self.log).unwrap_or_default();
-        String::from_utf8_lossy(&bytes[from.min(bytes.len())..]).into_owned()
-    }
-
-    fn log_len(&self) -> usize {
-        std::fs::metadata(&self.log).map(|m| m.len() as usize).unwrap_or(0)
-    }
-
-    fn tail(&self) -> String {
-        let log = self.log_from(0);
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_server(stats: &Path) -> Server {
-    let bin = bin_dir().join("llama-server");
-    assert!(
-        bin.exists(),
-        "{} is missing: run scripts/build-llama.sh (scripts/test.sh does)",
-        bin.display()
-    );
     let model = smollm2_f32();
     // the slot actions (erase) are only served with a save path; nothing is saved there
     let slots = tmpdir().join("server-load-slots");
     std::fs::create_dir_all(&slots).unwrap();
-    // a free loopback port: bound here, released, then given to the server
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let log = tmpdir().join("server-load.log");
-    let child = Command::new(&bin)
-        .args(["-m", model.to_str().unwrap(), "-t", "2", "--no-warmup"])
-        .args(["-c", &N_CTX.to_string(), "-np", &N_SLOTS.to_string(), "--kv-unified"])
+    #[rustfmt::skip]
+    let args = [
+        "-m", model.to_str().unwrap(), "-t", "2", "--no-warmup",
+        "-c", &N_CTX.to_string(), "-np", &N_SLOTS.to_string(), "--kv-unified",
         // every request gets an HTTP thread, so the server's own task queue holds them all
-        .args(["--threads-http", &(N_REQUESTS + 8).to_string()])
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--slot-save-path", slots.to_str().unwrap()])
-        .args(["--compresskv", "--compresskv-budget", &BUDGET.to_string()])
-        .args(["--compresskv-stats", stats.to_str().unwrap()])
+        "--threads-http", &(N_REQUESTS + 8).to_string(),
+        "--slot-save-path", slots.to_str().unwrap(),
+        "--compresskv", "--compresskv-budget", &BUDGET.to_string(), "--compresskv-stats", stats.to_str().unwrap(),
         // f32 all through: see the module doc (token identity)
-        .args(["-fa", "off", "-ctk", "f32", "-ctv", "f32"])
+        "-fa", "off", "-ctk", "f32", "-ctv", "f32",
         // debug log of the cache's slot search: its occupied cells before every ubatch ("used = N")
-        .args(["-lv", "5"])
-        .env("LLAMA_KV_CACHE_DEBUG", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start llama-server");
-    let server = Server {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        log,
-    };
-    let t0 = Instant::now();
-    while !matches!(
-        http(server.addr, "GET", "/health", "", Duration::from_secs(5)),
-        Ok((200, _))
-    ) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "llama-server did not come up:\n{}",
-            server.tail()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    server
+        "-lv", "5",
+    ];
+    Server::start(&args, &[("LLAMA_KV_CACHE_DEBUG", "1")], "server-load.log")
 }
 
 /// What one completion came back with.
@@ -180,8 +116,11 @@ struct Answer {
 }
 
 fn complete(addr: SocketAddr, prompt: &str, timeout: Duration) -> Result<Answer, String> {
+    // no prompt reuse: every request is prefilled and compressed from scratch, so that its answer is the solo
+    // answer's (a slot reusing its compressed history would decode the prompt's last token over the kept cells)
     let req = json!({
         "prompt": prompt, "n_predict": N_PREDICT, "temperature": 0.0, "seed": 1, "return_tokens": true,
+        "cache_prompt": false,
     });
     let (status, body) =
         http(addr, "POST", "/completion", &req.to_string(), timeout).map_err(|e| format!("HTTP: {e}"))?;

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests that drive the real model and the patched llama.cpp tools
-//! (e2e_llama, llama_api, server_load). Each test binary uses a subset.
+//! (e2e_llama, llama_api, server_load, server_chat). Each test binary uses a subset.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -116,4 +116,95 @@ pub fn http(
     let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
     Ok((status, body.to_string()))
+}
+
+/// A `llama-server` on a free loopback port, killed when dropped (at the end of a test or when it panics).
+pub struct Server {
+    child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Start `vendor/build/bin/llama-server` with `args` and `envs` on a free loopback port, its stderr in
+    /// `log_name` under the test directory, and wait (up to 2 minutes) until `/health` answers.
+    pub fn start(args: &[&str], envs: &[(&str, &str)], log_name: &str) -> Server {
+        use std::time::{Duration, Instant};
+        let bin = bin_dir().join("llama-server");
+        assert!(
+            bin.exists(),
+            "{} is missing: run scripts/build-llama.sh (scripts/test.sh does)",
+            bin.display()
+        );
+        // a free loopback port: bound here, released, then given to the server
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = tmpdir().join(log_name);
+        let child = Command::new(&bin)
+            .args(args)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .envs(envs.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start llama-server");
+        let server = Server {
+            child,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            log,
+        };
+        let t0 = Instant::now();
+        while !matches!(
+            http(server.addr, "GET", "/health", "", Duration::from_secs(5)),
+            Ok((200, _))
+        ) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "llama-server did not come up:\n{}",
+                server.tail()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        server
+    }
+
+    /// The log from byte `from` on (token pieces need not be valid UTF-8).
+    pub fn log_from(&self, from: usize) -> String {
+        let bytes = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(&bytes[from.min(bytes.len())..]).into_owned()
+    }
+
+    pub fn log_len(&self) -> usize {
+        std::fs::metadata(&self.log).map(|m| m.len() as usize).unwrap_or(0)
+    }
+
+    /// Whether the log from byte `from` on comes to contain `needle` within 10 s (the server writes its log from
+    /// a thread of its own, so a line may land after the reply).
+    pub fn log_has(&self, from: usize, needle: &str) -> bool {
+        let t0 = std::time::Instant::now();
+        while !self.log_from(from).contains(needle) {
+            if t0.elapsed() > std::time::Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        true
+    }
+
+    /// The last 60 lines of the log.
+    pub fn tail(&self) -> String {
+        let log = self.log_from(0);
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
