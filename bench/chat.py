@@ -17,7 +17,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -74,15 +73,20 @@ def serve(binary, model, args, threads, ctx, log):
     sys.exit(f"llama-server did not come up: {log}")
 
 
-def bytes_per_cell(log):
-    # llama_kv_cache: size =   90.00 MiB (  8192 cells,  30 layers,  1/1 seqs), K (f16):   45.00 MiB, V (f16):   45.00 MiB
-    m = re.search(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells", open(log).read())
-    return float(m.group(1)) * 1048576 / int(m.group(2)) if m else None
+def bytes_per_cell(stats):
+    """KV bytes of one cell (all layers, K and V) from a --compresskv-stats line: the same for every configuration
+    of one model and cache type."""
+    for line in open(stats):
+        s = json.loads(line)
+        return s["kv_bytes_after"] / s["cells_after"]
 
 
 def run(name, extra, a, model, doc):
     log = os.path.join(a.tmp, f"chat-{name}.log")
-    p, port = serve(a.server, model, extra, a.threads, a.ctx, log)
+    stats = os.path.join(a.tmp, f"chat-{name}.jsonl")
+    if os.path.exists(stats):
+        os.remove(stats)
+    p, port = serve(a.server, model, extra + (["--compresskv-stats", stats] if extra else []), a.threads, a.ctx, log)
     try:
         rows, messages = [], [{"role": "user", "content": f"Read this document, then answer my questions.\n\n{doc}\n\n{FACTS[0][1]}"}]
         for turn in range(a.turns + 1):
@@ -102,15 +106,20 @@ def run(name, extra, a, model, doc):
     finally:
         p.kill()
         p.wait()
-    bpc = bytes_per_cell(log)
+    return {"args": extra, "rows": rows, "stats": stats if extra else None,
+            "compressions": sum(1 for _ in open(stats)) if extra else 0}
+
+
+def summarize(c, bpc):
+    rows = c["rows"]
     for r in rows:
-        r["kv_mib"] = round(r["n_cells"] * bpc / 1048576, 2) if bpc and r["n_cells"] and r["n_cells"] > 0 else None
+        r["kv_mib"] = round(r["n_cells"] * bpc / 1048576, 2)
     later = rows[1:]
-    return {"args": extra, "rows": rows, "summary": {
+    c["summary"] = {
         "s_first": rows[0]["s"], "s_later_mean": round(sum(r["s"] for r in later) / len(later), 3),
         "s_later_max": max(r["s"] for r in later), "prefilled_later_mean": round(sum(r["prompt_n"] for r in later) / len(later), 1),
-        "kv_mib_max": max((r["kv_mib"] or 0) for r in rows), "kv_mib_last": rows[-1]["kv_mib"],
-        "right": sum(r["right"] for r in rows), "right_later": sum(r["right"] for r in later), "turns": len(rows)}}
+        "kv_mib_max": max(r["kv_mib"] for r in rows), "kv_mib_last": rows[-1]["kv_mib"], "compressions": c["compressions"],
+        "right": sum(r["right"] for r in rows), "right_later": sum(r["right"] for r in later), "turns": len(rows)}
 
 
 def plot(res, path):
@@ -175,6 +184,9 @@ def main():
     for name, extra in configs.items():
         res["configs"][name] = run(name, extra, a, model, doc)
     res["doc_tokens"] = res["configs"]["full cache"]["rows"][0]["prompt_n"]
+    res["kv_bytes_per_cell"] = bytes_per_cell(res["configs"]["compresskv"]["stats"])
+    for c in res["configs"].values():
+        summarize(c, res["kv_bytes_per_cell"])
     out = a.out or os.path.join(ROOT, f"bench/results/chat-{a.model}-cpu.json")
     write(out, res)
     for name, c in res["configs"].items():
