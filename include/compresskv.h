@@ -202,6 +202,25 @@ ckv_status ckv_plan_budget(const ckv_plan * plan, int32_t il, int32_t * out);
  * Validates every move of every layer first: on error nothing was written. */
 ckv_status ckv_compact(const ckv_plan * plan, const ckv_buffer * k, const ckv_buffer * v);
 
+/* The gather that moves the kept cells of layer il in one tensor of stream strm on a device, as index pairs of
+ * a get_rows / set_rows pair over units of the tensor: rows (transposed 0: K, or V with flash attention) have
+ * ckv_plan_n_groups units per cell, unit (strm*kv_size + cell)*n_groups + group, one group's slice of the row;
+ * a transposed V (transposed 1, n_embd channels) has one unit per element, unit (strm*n_embd + channel)*kv_size
+ * + cell. The pairs come in blocks of at most max_units units (INT32_MAX: every index fits int32_t): block b
+ * covers units [base, base + span) and its n pairs, src[first ..] and dst[first ..], are relative to base.
+ * Call it once with blocks, src and dst NULL for *n_blocks and *n_pairs, then with arrays that large. */
+typedef struct ckv_gather_block {
+    int64_t base;     /* first unit of the block                  */
+    int64_t span;     /* units it covers                          */
+    int64_t first;    /* its first pair in src / dst              */
+    int32_t n;        /* its pairs                                */
+    int32_t reserved; /* 0                                        */
+} ckv_gather_block;
+
+ckv_status ckv_plan_gather(const ckv_plan * plan, int32_t il, int32_t transposed, int64_t n_embd, int64_t kv_size,
+                           int32_t strm, int64_t max_units, ckv_gather_block * blocks, int32_t cap_blocks,
+                           int32_t * src, int32_t * dst, int64_t cap_pairs, int32_t * n_blocks, int64_t * n_pairs);
+
 /* 64-bit FNV-1a, as 16 hex digits into buf (at least 17 bytes), of the bytes of cells[0..n_cells) in k[l] then
  * v[l] for every layer l < n_layer in order (tests: compares compaction paths byte for byte). */
 ckv_status ckv_checksum(const ckv_buffer * k, const ckv_buffer * v, int32_t n_layer, const int32_t * cells,

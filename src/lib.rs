@@ -16,6 +16,7 @@
 //! - [`select`]: top-k / chunk selection per layer or per KV head, window, suffix and sink handling.
 //! - [`budget`]: per-layer budget allocation (uniform, pyramid, error-weighted).
 //! - [`compact`]: move plans and in-place, block-exact compaction of host buffers.
+//! - [`gather`]: the `i32` index blocks of the device gather that moves the same cells (llama.cpp's graph).
 //! - [`plan`]: the whole step for one sequence: budgets + scores + selection + moves.
 //! - [`profile`]: the JSON model profile (SRH ranking, layer weights), validated against a model.
 //! - [`options`]: the options of one compression as llama.cpp passes them (names, defaults, validation).
@@ -29,6 +30,7 @@ pub mod budget;
 pub mod compact;
 pub mod error;
 pub mod ffi;
+pub mod gather;
 pub mod layout;
 pub mod options;
 pub mod plan;

@@ -94,7 +94,7 @@ fn ruler_smoke_writes_scored_rows() {
             "{what}: n_prompt {n_prompt} for a 1K sample"
         );
         assert!(
-            r["expected"].as_array().map_or(false, |e| !e.is_empty()),
+            r["expected"].as_array().is_some_and(|e| !e.is_empty()),
             "{what}: no expected answers"
         );
         if r["method"] == "full" {

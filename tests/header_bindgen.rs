@@ -363,6 +363,13 @@ fn header_matches_rust_exports() {
             ms_compact,
             ms_total
         }),
+        mirror!(ckv_gather_block {
+            base,
+            span,
+            first,
+            n,
+            reserved
+        }),
     ];
     let header_structs: BTreeSet<&str> = facts.keys().map(|k| k.1.as_str()).collect();
     let mirror_structs: BTreeSet<&str> = mirrors.iter().map(|m| m.0.as_str()).collect();

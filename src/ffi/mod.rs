@@ -27,15 +27,19 @@
 //! - `budget`: `ckv_budget_fit`, `ckv_budget_allocate`;
 //! - `profile`: the `ckv_profile_*` entry points;
 //! - `plan`: `ckv_plan_create`, the plan accessors and `ckv_plan_stats_json`;
-//! - `compact`: `ckv_compact` and the caller-buffer geometry and views;
-//! - `request`: `ckv_options_*` and `ckv_request_*`, the policy of one compression of a llama.cpp sequence.
+//! - `compact`: `ckv_compact`, `ckv_checksum` and the caller-buffer geometry and views;
+//! - `gather`: `ckv_plan_gather`, the index blocks of a device gather;
+//! - `options`: `ckv_options_check`, `ckv_option_get`;
+//! - `request`: `ckv_request_*`, the policy of one compression of a llama.cpp sequence.
 
 #![allow(non_camel_case_types)]
 
 mod boundary;
 mod budget;
 mod compact;
+mod gather;
 mod misc;
+mod options;
 mod params;
 mod plan;
 mod profile;
@@ -44,8 +48,10 @@ mod types;
 
 pub use boundary::ckv_last_error;
 pub use budget::{ckv_budget_allocate, ckv_budget_fit};
-pub use compact::ckv_compact;
+pub use compact::{ckv_checksum, ckv_compact};
+pub use gather::{ckv_gather_block, ckv_plan_gather};
 pub use misc::{ckv_dequantize_row, ckv_fingerprint, ckv_status_name, ckv_version};
+pub use options::{ckv_option_get, ckv_options_check};
 pub use params::{ckv_method_from_name, ckv_params_default, CKV_PARAMS_MIN_SIZE};
 pub use plan::{
     ckv_plan_budget, ckv_plan_create, ckv_plan_fallback, ckv_plan_free, ckv_plan_group, ckv_plan_n_groups,

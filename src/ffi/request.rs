@@ -1,18 +1,19 @@
-//! Entry points of options and compression requests (`ckv_options_*`, `ckv_request_*`): the policy of one
-//! compression of a llama.cpp sequence ([`crate::request`]) behind the C ABI.
+//! Entry points of compression requests (`ckv_request_*`): the policy of one compression of a llama.cpp
+//! sequence ([`crate::request`]) behind the C ABI.
 //!
 //! Invariants: every entry point validates its arguments and returns a status with the reason in
 //! `ckv_last_error`; a request refuses before the caller has changed anything; the plan a request makes is
 //! an ordinary `ckv_plan` owned by the request (valid until `ckv_request_free`).
 
 use super::boundary::{c_str, c_utf8, check_ptr, ctx, deref, put, run, run_value, slice_ref};
+use super::options::options_arg;
 use super::params::{flag, method_id, nonneg};
 use super::plan::{ckv_plan_create, stats_json};
 use super::profile::model_identity;
 use super::types::*;
 use crate::budget;
 use crate::error::{Error, Result};
-use crate::options::{Form, Options};
+use crate::options::Form;
 use crate::plan::Method;
 use crate::profile::find_profile;
 use crate::profile::Profile;
@@ -139,16 +140,6 @@ unsafe fn request_mut<'a>(r: *mut ckv_request) -> Result<&'a mut ckv_request> {
     Ok(h)
 }
 
-/// # Safety
-/// `p` is null or a NUL-terminated string.
-unsafe fn options_arg(p: *const c_char) -> Result<Options> {
-    if p.is_null() {
-        return Ok(Options::default());
-    }
-    // SAFETY: forwarded to the caller.
-    Options::parse(unsafe { c_utf8(p, "options") }?)
-}
-
 /// `CKV_FORM_FILL`: every layer keeps the largest layer budget.
 pub const CKV_FORM_FILL: i32 = 0;
 /// `CKV_FORM_EXACT`: per-layer budgets, masked per layer.
@@ -162,46 +153,6 @@ fn form_id(f: Form) -> i32 {
         Form::Exact => CKV_FORM_EXACT,
         Form::Mask => CKV_FORM_MASK,
     }
-}
-
-/// `ckv_options_check`: parse and validate `options` (NULL: the defaults).
-///
-/// # Safety
-/// `options` is null or a NUL-terminated string.
-#[no_mangle]
-pub unsafe extern "C" fn ckv_options_check(options: *const c_char) -> ckv_status {
-    // SAFETY: forwarded to the caller.
-    run("ckv_options_check", || unsafe { options_arg(options) }.map(|_| ()))
-}
-
-/// `ckv_option_get`: the value option `key` takes in `options` (NULL: its default) as text.
-///
-/// # Safety
-/// `options` and `key` are null or NUL-terminated strings; `buf` is null or valid for `buf_size` bytes.
-#[no_mangle]
-pub unsafe extern "C" fn ckv_option_get(
-    options: *const c_char,
-    key: *const c_char,
-    buf: *mut c_char,
-    buf_size: usize,
-) -> ckv_status {
-    run("ckv_option_get", || {
-        // SAFETY: forwarded to the caller.
-        let o = unsafe { options_arg(options) }?;
-        // SAFETY: forwarded to the caller.
-        let k = unsafe { c_utf8(key, "key") }?;
-        let text = o.get_text(k)?;
-        check_ptr(buf, "buf")?;
-        if text.len() + 1 > buf_size {
-            return Err(Error::Size(format!("buf_size {buf_size} < {}", text.len() + 1)));
-        }
-        // SAFETY: `buf` is valid for `buf_size` bytes (caller), which hold the text and its NUL.
-        unsafe {
-            std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), text.len());
-            *buf.add(text.len()) = 0;
-        }
-        Ok(())
-    })
 }
 
 /// `ckv_request_new`: decide a compression of a sequence before the caller changes anything.

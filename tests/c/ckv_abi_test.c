@@ -704,6 +704,43 @@ static void test_compact_refusals(ckv_plan * plan) {
     REFUSED(ckv_checksum(C.kb, WITH_V(2, n_cells, 8), N_LAYER, cells, N_TOK, sum, sizeof sum), CKV_ERR_INVALID_ARG, "v[2]");
     REFUSED(ckv_checksum(C.kb, C.vb, N_LAYER, cells, N_TOK, small, sizeof small), CKV_ERR_SIZE, "buf_size");
     REFUSED(ckv_request_hidden(NULL, 0, (uint8_t *) small, 1), CKV_ERR_NULL, "req");
+
+    /* the device gather of layer 1: its pairs are the plan's moves in units, within each block's span */
+    int32_t nb = -1, ng = ckv_plan_n_groups(plan), kept = 0;
+    int64_t np = -1;
+    for (int32_t g = 0; g < ng; g++) {
+        int32_t n = 0;
+        OK(ckv_plan_group(plan, 1, g, &n, NULL, NULL, NULL));
+        kept += n;
+    }
+    OK(ckv_plan_gather(plan, 1, 0, N_EMBD, N_CELLS, 0, INT32_MAX, NULL, 0, NULL, NULL, 0, &nb, &np));
+    CHECK(nb == (kept > 0) && np == kept);
+    OK(ckv_plan_gather(plan, 1, 1, N_EMBD, N_CELLS, 1, 3 * N_CELLS, NULL, 0, NULL, NULL, 0, &nb, &np));
+    CHECK(nb == (N_EMBD + 2) / 3 && np == (int64_t) kept * N_EMBD / ng);
+    ckv_gather_block * gb = calloc(nb, sizeof *gb);
+    int32_t * gsrc = calloc(np, sizeof *gsrc), * gdst = calloc(np, sizeof *gdst);
+    REFUSED(ckv_plan_gather(plan, 1, 1, N_EMBD, N_CELLS, 1, 3 * N_CELLS, gb, nb - 1, gsrc, gdst, np, &nb, &np),
+            CKV_ERR_SIZE, "cap_blocks");
+    CHECK(gb[0].span == 0 && gsrc[0] == 0);
+    OK(ckv_plan_gather(plan, 1, 1, N_EMBD, N_CELLS, 1, 3 * N_CELLS, gb, nb, gsrc, gdst, np, &nb, &np));
+    int ok_units = 1;
+    for (int32_t b = 0; b < nb; b++) {
+        ok_units &= gb[b].span <= 3 * N_CELLS && gb[b].base == ((int64_t) N_EMBD + 3 * b) * N_CELLS;
+        for (int32_t j = 0; j < gb[b].n; j++) {
+            ok_units &= gsrc[gb[b].first + j] >= 0 && gsrc[gb[b].first + j] < gb[b].span && gdst[gb[b].first + j] < gb[b].span;
+        }
+    }
+    CHECK(ok_units);
+    free(gb);
+    free(gsrc);
+    free(gdst);
+    REFUSED(ckv_plan_gather(NULL, 1, 0, N_EMBD, N_CELLS, 0, INT32_MAX, NULL, 0, NULL, NULL, 0, &nb, &np), CKV_ERR_NULL, "plan");
+    REFUSED(ckv_plan_gather(plan, N_LAYER, 0, N_EMBD, N_CELLS, 0, INT32_MAX, NULL, 0, NULL, NULL, 0, &nb, &np), CKV_ERR_INVALID_ARG, "il");
+    REFUSED(ckv_plan_gather(plan, 1, 2, N_EMBD, N_CELLS, 0, INT32_MAX, NULL, 0, NULL, NULL, 0, &nb, &np), CKV_ERR_INVALID_ARG, "transposed");
+    REFUSED(ckv_plan_gather(plan, 1, 0, N_EMBD, 0, 0, INT32_MAX, NULL, 0, NULL, NULL, 0, &nb, &np), CKV_ERR_INVALID_ARG, "kv_size");
+    REFUSED(ckv_plan_gather(plan, 1, 0, N_EMBD, N_CELLS, 0, 0, NULL, 0, NULL, NULL, 0, &nb, &np), CKV_ERR_INVALID_ARG, "max_units");
+    REFUSED(ckv_plan_gather(plan, 1, 1, N_EMBD, N_CELLS, 0, N_CELLS - 1, NULL, 0, NULL, NULL, 0, &nb, &np), CKV_ERR_SIZE, "units");
+    REFUSED(ckv_plan_gather(plan, 1, 0, N_EMBD, N_CELLS, 0, INT32_MAX, NULL, 0, NULL, NULL, 0, NULL, &np), CKV_ERR_NULL, "n_blocks");
 #undef WITH_K
 #undef WITH_V
 }
