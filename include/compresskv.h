@@ -316,6 +316,24 @@ ckv_status ckv_request_plan(ckv_request * req, const ckv_model_desc * model, con
                             const int32_t * cells, const int32_t * pos, int32_t n,
                             const ckv_buffer * keys, const float * const * queries);
 
+/* The caller's scores of one layer (ckv_request_plan_scored), for example from a graph on the device that holds
+ * the cache: for layer il, tokens [0, we) of the planned sequence (cells[i] the cell of token i) and the window
+ * [ws, we), write n_heads rows of ws floats to out: row j, token i = the sum over the window's queries of the
+ * softmax probability of token i for query head heads[j] (logits q.k / sqrt(head_dim), causal inside the window;
+ * query head h reads KV head h / (n_head / n_head_kv)). Return 0, nonzero to fail the plan. Called on the
+ * calling thread, once per layer that needs scores, in layer order; it must not call into the request. */
+typedef int32_t (*ckv_score_fn)(void * user, int32_t il, const int32_t * cells, int32_t ws, int32_t we,
+                                const int32_t * heads, int32_t n_heads, float * out);
+
+/* As ckv_request_plan, each layer's scores from score(user, ...) instead of its keys: the policy (heads, pooling,
+ * budgets, selection) stays the library's. keys and queries: NULL, or (tests) as for ckv_request_plan, when the
+ * library also scores every layer itself and the stats line records "score_check": the largest difference and
+ * whether both select the same cells. A failed plan leaves the request unplanned: ckv_request_plan may follow. */
+ckv_status ckv_request_plan_scored(ckv_request * req, const ckv_model_desc * model, const char * meta,
+                                   const int32_t * cells, const int32_t * pos, int32_t n,
+                                   ckv_score_fn score, void * user,
+                                   const ckv_buffer * keys, const float * const * queries);
+
 /* The plan (for ckv_plan_group and ckv_compact), owned by the request; NULL before ckv_request_plan. */
 const ckv_plan * ckv_request_plan_get(ckv_request * req);
 

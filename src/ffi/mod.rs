@@ -31,6 +31,7 @@
 //! - `gather`: `ckv_plan_gather`, the index blocks of a device gather;
 //! - `options`: `ckv_options_check`, `ckv_option_get`;
 //! - `request`: `ckv_request_*`, the policy of one compression of a llama.cpp sequence.
+//! - `request_plan`: `ckv_request_plan` and `ckv_request_plan_scored` (scores from the caller's scorer).
 
 #![allow(non_camel_case_types)]
 
@@ -44,6 +45,7 @@ mod params;
 mod plan;
 mod profile;
 mod request;
+mod request_plan;
 mod types;
 
 pub use boundary::ckv_last_error;
@@ -59,4 +61,5 @@ pub use plan::{
 };
 pub use profile::{ckv_profile_find, ckv_profile_free, ckv_profile_load, ckv_profile_parse};
 pub use request::*;
+pub use request_plan::{ckv_request_plan, ckv_request_plan_scored, ckv_score_fn};
 pub use types::*;

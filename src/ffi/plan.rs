@@ -16,7 +16,7 @@ use super::params::{read_params, to_params, to_shape};
 use super::types::*;
 use crate::budget::Allocation;
 use crate::error::{Error, Result};
-use crate::plan::{self, LayerInput, Method, Plan};
+use crate::plan::{self, LayerInput, Method, Params, Plan, Shape};
 use crate::profile::ModelIdentity;
 use crate::score::PoolKind;
 
@@ -90,50 +90,10 @@ pub unsafe extern "C" fn ckv_plan_create(
         check_ptr(out, "out")?;
         // SAFETY: non-null; the caller guarantees `params->size` readable bytes.
         let cp = unsafe { read_params(params) }?;
-        let mut prm = to_params(&cp)?;
         // SAFETY: the caller guarantees a valid ckv_shape when non-null.
-        let shp = to_shape(unsafe { deref(shape, "shape") }?, "shape")?;
-        let heads = shp.heads;
-        let n = usize::try_from(n_tokens)
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| Error::InvalidArg(format!("n_tokens: {n_tokens} (expected > 0)")))?;
-        if prm.window > n {
-            return Err(Error::InvalidArg(format!(
-                "params.window {} > n_tokens {n}",
-                prm.window
-            )));
-        }
-        if let Some(e) = prm.window_end {
-            if e > n {
-                return Err(Error::InvalidArg(format!("params.window_end {e} > n_tokens {n}")));
-            }
-            if e < prm.window {
-                return Err(Error::InvalidArg(format!(
-                    "params.window_end {e} < params.window {}",
-                    prm.window
-                )));
-            }
-            if e == n {
-                prm.window_end = None;
-            }
-        }
-        // SAFETY: the caller guarantees `n_tokens` readable int32_t when non-null.
-        let cells_in = unsafe { slice_ref(cells, n, "cells") }?;
-        // SAFETY: the caller guarantees `n_layer` readable ckv_buffer when non-null.
-        let key_bufs = unsafe { slice_ref(keys, shp.n_layer, "keys") }?;
-        let streaming = prm.method == Method::StreamingLlm;
-        let qlen = prm
-            .window
-            .checked_mul(heads.n_head)
-            .and_then(|x| x.checked_mul(heads.head_dim))
-            .ok_or_else(|| Error::Size("window * n_head * head_dim overflows".into()))?;
-        let q_ptrs: Option<&[*const f32]> = if queries.is_null() && streaming {
-            None
-        } else {
-            // SAFETY: the caller guarantees `n_layer` readable pointers when non-null.
-            Some(unsafe { slice_ref(queries, shp.n_layer, "queries") }?)
-        };
+        let shp = unsafe { deref(shape, "shape") }?;
+        // SAFETY: the caller guarantees `n_tokens` cells, `n_layer` key buffers and query pointers.
+        let inp = unsafe { plan_inputs(&cp, shp, cells, n_tokens, Some((keys, queries))) }?;
         let profile = if profile.is_null() {
             None
         } else {
@@ -141,9 +101,10 @@ pub unsafe extern "C" fn ckv_plan_create(
             Some(&unsafe { profile_ref(profile) }?.profile)
         };
         if let Some(p) = profile {
+            let heads = inp.shape.heads;
             let want = ModelIdentity {
                 arch: p.model.arch.clone(),
-                n_layer: shp.n_layer,
+                n_layer: inp.shape.n_layer,
                 n_head: heads.n_head,
                 n_head_kv: heads.n_head_kv,
                 head_dim: heads.head_dim,
@@ -151,11 +112,79 @@ pub unsafe extern "C" fn ckv_plan_create(
             };
             p.check_model(&want).map_err(|e| ctx("profile vs shape", e))?;
         }
+        let plan = plan::build(&inp.params, inp.shape, profile, &inp.cells, &inp.layers)?;
+        let h = Box::new(ckv_plan::new(plan)?);
+        // SAFETY: `out` is non-null and aligned (checked above).
+        unsafe { put(out, Box::into_raw(h)) };
+        Ok(())
+    })
+}
+
+/// The validated inputs of a plan: parameters, shape, cells and, when keys are given, each layer's keys
+/// and window queries.
+pub(super) struct PlanInputs<'a> {
+    pub params: Params,
+    pub shape: Shape,
+    pub cells: Vec<u32>,
+    pub layers: Vec<LayerInput<'a>>,
+}
+
+/// Validate and convert what [`ckv_plan_create`] takes (see its checks); `keys_queries` None: no layer inputs
+/// (an external scorer gives the scores).
+///
+/// # Safety
+/// `cells` null or `n_tokens` values; `keys_queries` as [`ckv_plan_create`]'s `keys` and `queries`, readable and
+/// unwritten for `'a`.
+pub(super) unsafe fn plan_inputs<'a>(
+    cp: &ckv_params,
+    shape: &ckv_shape,
+    cells: *const i32,
+    n_tokens: i32,
+    keys_queries: Option<(*const ckv_buffer, *const *const f32)>,
+) -> Result<PlanInputs<'a>> {
+    let mut prm = to_params(cp)?;
+    let shp = to_shape(shape, "shape")?;
+    let heads = shp.heads;
+    let n = usize::try_from(n_tokens)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| Error::InvalidArg(format!("n_tokens: {n_tokens} (expected > 0)")))?;
+    if prm.window > n {
+        return Err(Error::InvalidArg(format!(
+            "params.window {} > n_tokens {n}",
+            prm.window
+        )));
+    }
+    if let Some(e) = prm.window_end {
+        if e > n {
+            return Err(Error::InvalidArg(format!("params.window_end {e} > n_tokens {n}")));
+        }
+        if e < prm.window {
+            return Err(Error::InvalidArg(format!(
+                "params.window_end {e} < params.window {}",
+                prm.window
+            )));
+        }
+        if e == n {
+            prm.window_end = None;
+        }
+    }
+    // SAFETY: the caller guarantees `n_tokens` readable int32_t when non-null.
+    let cells_in = unsafe { slice_ref(cells, n, "cells") }?;
+    let streaming = prm.method == Method::StreamingLlm;
+    let mut views = Vec::with_capacity(shp.n_layer);
+    let mut q_ptrs: Option<&[*const f32]> = None;
+    if let Some((keys, queries)) = keys_queries {
+        // SAFETY: the caller guarantees `n_layer` readable ckv_buffer when non-null.
+        let key_bufs = unsafe { slice_ref(keys, shp.n_layer, "keys") }?;
+        if !(queries.is_null() && streaming) {
+            // SAFETY: the caller guarantees `n_layer` readable pointers when non-null.
+            q_ptrs = Some(unsafe { slice_ref(queries, shp.n_layer, "queries") }?);
+        }
         let n_embd = heads.n_head_kv * heads.head_dim;
-        let mut views = Vec::with_capacity(shp.n_layer);
         for (l, b) in key_bufs.iter().enumerate() {
             let what = format!("keys[{l}]");
-            // SAFETY: the caller guarantees `b.size` readable bytes at `b.data`, unwritten during the call.
+            // SAFETY: the caller guarantees `b.size` readable bytes at `b.data`, unwritten for 'a.
             let v = unsafe { buffer_view(b, &what) }?;
             let g = *v.geometry();
             if g.n_embd != n_embd {
@@ -174,52 +203,55 @@ pub unsafe extern "C" fn ckv_plan_create(
             }
             views.push(v);
         }
-        let min_cells = views.iter().map(|v| v.geometry().n_cells).min().unwrap_or(0);
-        let mut cell_u = Vec::with_capacity(n);
-        for (i, &c) in cells_in.iter().enumerate() {
-            let cu = usize::try_from(c).map_err(|_| Error::InvalidArg(format!("cells[{i}]: {c} < 0")))?;
-            if cu >= min_cells {
-                let l = views.iter().position(|v| cu >= v.geometry().n_cells).unwrap_or(0);
-                return Err(Error::InvalidArg(format!(
-                    "cells[{i}]: {c} is not a cell of keys[{l}] (n_cells {})",
-                    views[l].geometry().n_cells
-                )));
-            }
-            cell_u.push(c as u32);
-        }
-        let mut sorted: Vec<(u32, usize)> = cell_u.iter().copied().zip(0..).collect();
-        sorted.sort_unstable();
-        if let Some(w) = sorted.windows(2).find(|w| w[0].0 == w[1].0) {
+    }
+    let min_cells = views
+        .iter()
+        .map(|v| v.geometry().n_cells)
+        .min()
+        .unwrap_or(i32::MAX as usize);
+    let mut cell_u = Vec::with_capacity(n);
+    for (i, &c) in cells_in.iter().enumerate() {
+        let cu = usize::try_from(c).map_err(|_| Error::InvalidArg(format!("cells[{i}]: {c} < 0")))?;
+        if cu >= min_cells {
+            let l = views.iter().position(|v| cu >= v.geometry().n_cells).unwrap_or(0);
             return Err(Error::InvalidArg(format!(
-                "cells[{}] and cells[{}] are both cell {}",
-                w[0].1.min(w[1].1),
-                w[0].1.max(w[1].1),
-                w[0].0
+                "cells[{i}]: {c} is not a cell of keys[{l}] (n_cells {})",
+                views[l].geometry().n_cells
             )));
         }
-        let mut inputs = Vec::with_capacity(shp.n_layer);
-        for (l, v) in views.into_iter().enumerate() {
-            let q: &[f32] = match q_ptrs {
-                Some(ps) if !(streaming && ps[l].is_null()) => {
-                    // SAFETY: the caller guarantees `window * n_head * head_dim` readable floats per layer.
-                    unsafe { slice_ref(ps[l], qlen, &format!("queries[{l}]")) }?
-                }
-                _ => &[],
-            };
-            inputs.push(LayerInput { keys: v, queries: q });
-        }
-        let plan = plan::build(&prm, shp, profile, &cell_u, &inputs)?;
-        if plan.layers.len() != shp.n_layer {
-            return Err(Error::Panic(format!(
-                "plan has {} layers for {}",
-                plan.layers.len(),
-                shp.n_layer
-            )));
-        }
-        let h = Box::new(ckv_plan::new(plan)?);
-        // SAFETY: `out` is non-null and aligned (checked above).
-        unsafe { put(out, Box::into_raw(h)) };
-        Ok(())
+        cell_u.push(c as u32);
+    }
+    let mut sorted: Vec<(u32, usize)> = cell_u.iter().copied().zip(0..).collect();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(Error::InvalidArg(format!(
+            "cells[{}] and cells[{}] are both cell {}",
+            w[0].1.min(w[1].1),
+            w[0].1.max(w[1].1),
+            w[0].0
+        )));
+    }
+    let qlen = prm
+        .window
+        .checked_mul(heads.n_head)
+        .and_then(|x| x.checked_mul(heads.head_dim))
+        .ok_or_else(|| Error::Size("window * n_head * head_dim overflows".into()))?;
+    let mut layers = Vec::with_capacity(views.len());
+    for (l, v) in views.into_iter().enumerate() {
+        let q: &[f32] = match q_ptrs {
+            Some(ps) if !(streaming && ps[l].is_null()) => {
+                // SAFETY: the caller guarantees `window * n_head * head_dim` readable floats per layer.
+                unsafe { slice_ref(ps[l], qlen, &format!("queries[{l}]")) }?
+            }
+            _ => &[],
+        };
+        layers.push(LayerInput { keys: v, queries: q });
+    }
+    Ok(PlanInputs {
+        params: prm,
+        shape: shp,
+        cells: cell_u,
+        layers,
     })
 }
 
@@ -458,6 +490,7 @@ mod tests {
             n_slots: 4,
             fallback_all_heads: true,
             ms_score: 1.5,
+            external_scores: false,
         }
     }
 

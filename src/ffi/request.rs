@@ -5,22 +5,17 @@
 //! `ckv_last_error`; a request refuses before the caller has changed anything; the plan a request makes is
 //! an ordinary `ckv_plan` owned by the request (valid until `ckv_request_free`).
 
-use super::boundary::{c_str, c_utf8, check_ptr, ctx, deref, put, run, run_value, slice_ref};
+use super::boundary::{c_str, check_ptr, deref, put, run, run_value, slice_ref};
 use super::options::options_arg;
 use super::params::{flag, method_id, nonneg};
-use super::plan::{ckv_plan_create, stats_json};
-use super::profile::model_identity;
+use super::plan::stats_json;
 use super::types::*;
-use crate::budget;
 use crate::error::{Error, Result};
 use crate::options::Form;
 use crate::plan::Method;
-use crate::profile::find_profile;
-use crate::profile::Profile;
 use crate::request::{Request, Sequence, Slots};
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, CString};
 use std::mem::size_of;
-use std::path::PathBuf;
 
 const REQUEST_MAGIC: u64 = 0x636b_765f_7265_7175; // "ckv_requ"
 
@@ -118,19 +113,22 @@ pub struct ckv_request_facts {
 #[derive(Debug)]
 pub struct ckv_request {
     magic: u64,
-    req: Request,
-    note: CString,
-    note_warn: bool,
-    plan: Option<Box<ckv_plan>>,
-    cells: Vec<i32>,
-    pos: Vec<i32>,
-    profile_path: Option<String>,
-    fingerprint: String,
+    pub(super) req: Request,
+    pub(super) note: CString,
+    pub(super) note_warn: bool,
+    pub(super) plan: Option<Box<ckv_plan>>,
+    pub(super) cells: Vec<i32>,
+    pub(super) pos: Vec<i32>,
+    pub(super) profile_path: Option<String>,
+    pub(super) fingerprint: String,
+    /// With a scorer checked against the library's own scores: the largest difference and whether both select
+    /// the same cells.
+    pub(super) score_check: Option<(f64, bool)>,
 }
 
 /// # Safety
 /// `r` is null or a live request handle.
-unsafe fn request_mut<'a>(r: *mut ckv_request) -> Result<&'a mut ckv_request> {
+pub(super) unsafe fn request_mut<'a>(r: *mut ckv_request) -> Result<&'a mut ckv_request> {
     check_ptr(r, "request")?;
     // SAFETY: non-null and aligned; the caller guarantees a live handle (the magic check is best effort).
     let h = unsafe { &mut *r };
@@ -213,6 +211,7 @@ pub unsafe extern "C" fn ckv_request_new(
             pos: Vec::new(),
             profile_path: None,
             fingerprint: String::new(),
+            score_check: None,
         });
         // SAFETY: `out` is non-null and aligned (checked).
         unsafe { put(out, Box::into_raw(h)) };
@@ -260,123 +259,6 @@ pub unsafe extern "C" fn ckv_request_info_get(req: *mut ckv_request, info: *mut 
         };
         // SAFETY: checked non-null and aligned; the caller provides a whole struct.
         unsafe { put(info, i) };
-        Ok(())
-    })
-}
-
-fn profile_dir() -> PathBuf {
-    match std::env::var("LLAMA_COMPRESSKV_PROFILES") {
-        Ok(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/profiles")),
-    }
-}
-
-/// `ckv_request_plan`: plan the compression from the cells after the decode (and the captured queries).
-///
-/// # Safety
-/// `req` is null or a live request; `model` null or a valid description; `meta` null or a NUL-terminated
-/// string; `cells` and `pos` null or `n` values; `keys` and `queries` as for [`ckv_plan_create`].
-#[no_mangle]
-pub unsafe extern "C" fn ckv_request_plan(
-    req: *mut ckv_request,
-    model: *const ckv_model_desc,
-    meta: *const c_char,
-    cells: *const i32,
-    pos: *const i32,
-    n: i32,
-    keys: *const ckv_buffer,
-    queries: *const *const f32,
-) -> ckv_status {
-    run("ckv_request_plan", || {
-        // SAFETY: forwarded to the caller.
-        let h = unsafe { request_mut(req) }?;
-        if h.req.skip || h.plan.is_some() {
-            return Err(Error::InvalidArg("the request has nothing (more) to plan".into()));
-        }
-        // SAFETY: forwarded to the caller.
-        let m = unsafe { deref(model, "model") }?;
-        // SAFETY: forwarded to the caller.
-        let id = unsafe { model_identity(m) }?;
-        let n = nonneg(n, "n")?;
-        // SAFETY: the caller guarantees `n` values each.
-        let (c_in, p_in) = unsafe { (slice_ref(cells, n, "cells")?, slice_ref(pos, n, "pos")?) };
-        let (c, p) = h.req.plan_cells(c_in, p_in)?;
-        let method = h.req.opts.method;
-        let profile = if let Some(path) = h.req.opts.profile.clone() {
-            let prof = Profile::load(&path)
-                .and_then(|pr| pr.check_model(&id).map(|_| pr))
-                .map_err(|e| Error::Profile(format!("profile '{path}' refused: {e}")))?;
-            h.profile_path = Some(path);
-            Some(prof)
-        } else if matches!(method, Method::CompressKv | Method::SnapKvSrh) {
-            let dir = profile_dir();
-            match find_profile(&dir, &id) {
-                Ok((path, prof)) => {
-                    let path = path.display().to_string();
-                    h.note = CString::new(format!("profile {path}")).unwrap_or_default();
-                    h.profile_path = Some(path);
-                    Some(prof)
-                }
-                Err(e) => {
-                    let meta = if meta.is_null() {
-                        String::new()
-                    } else {
-                        // SAFETY: forwarded to the caller.
-                        unsafe { c_utf8(meta, "meta") }?.to_string()
-                    };
-                    h.note = CString::new(format!(
-                        "no profile for this model (fingerprint {} of '{meta}'): {e}; scoring with all heads, uniform budgets",
-                        id.fingerprint
-                    ))
-                    .unwrap_or_default();
-                    h.note_warn = true;
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        h.fingerprint = id.fingerprint.clone();
-        let n_layer = id.n_layer;
-        let prm = h.req.params(c.len(), |p, slots| {
-            let (alloc, floor) = crate::plan::allocation_for(p, profile.as_ref());
-            budget::fit_average(&alloc, slots, n_layer, floor).map_err(|e| ctx("budget allocation", e))
-        })?;
-        let cp = ckv_params {
-            method: method_id(prm.method),
-            budget: prm.budget as i32,
-            ratio: 0.0,
-            window: prm.window as i32,
-            window_end: prm.window_end.map_or(-1, |e| e as i32),
-            n_sink: prm.n_sink as i32,
-            pool_kernel: prm.pool_kernel as i32,
-            chunk: prm.chunk as i32,
-            per_head: prm.per_head as i32,
-            fill: prm.fill as i32,
-            ..ckv_params::default()
-        };
-        let ph = profile.map(|profile| {
-            Box::new(ckv_profile {
-                magic: PROFILE_MAGIC,
-                profile,
-            })
-        });
-        let pp: *const ckv_profile = ph.as_deref().map_or(std::ptr::null(), |b| b as *const ckv_profile);
-        let mut out: *mut ckv_plan = std::ptr::null_mut();
-        // SAFETY: `cp`, the shape, `ph` and the cells are ours and live for the call; `keys` and `queries` are
-        // forwarded to the caller, who guarantees them as ckv_plan_create documents.
-        let st = unsafe { ckv_plan_create(&cp, &m.shape, pp, c.as_ptr(), c.len() as i32, keys, queries, &mut out) };
-        if st != CKV_OK {
-            // SAFETY: ckv_last_error returns a NUL-terminated string that lives until the next failing call.
-            let msg = unsafe { CStr::from_ptr(super::ckv_last_error()) }
-                .to_string_lossy()
-                .into_owned();
-            return Err(Error::InvalidArg(format!("planning failed: {msg}")));
-        }
-        // SAFETY: ckv_plan_create returned CKV_OK: `out` is a live handle from Box::into_raw, owned here now.
-        h.plan = Some(unsafe { Box::from_raw(out) });
-        h.cells = c;
-        h.pos = p;
         Ok(())
     })
 }
@@ -548,6 +430,8 @@ pub unsafe extern "C" fn ckv_request_finish(
             "compact": compact, "kv_checksum": checksum, "profile": h.profile_path, "fingerprint": h.fingerprint,
             "window": window, "layers": layers, "ms_redecode": f.ms_redecode, "ms_score": plan.plan().ms_score,
             "ms_compact": f.ms_compact, "ms_total": f.ms_total, "plan": plan_json,
+            "scores": if plan.plan().external_scores { "caller" } else { "library" },
+            "score_check": h.score_check.map(|(d, same)| json!({"max_abs_diff": d, "same_cells": same})),
         })
         .to_string();
         if let Some(path) = &r.opts.stats {

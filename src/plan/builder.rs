@@ -5,7 +5,7 @@
 //! Invariants: every input is validated before any scoring starts (see [`build`]); building never writes
 //! to any KV buffer.
 
-use super::{GroupPlan, LayerInput, LayerPlan, Method, Params, Plan, Shape};
+use super::{GroupPlan, LayerInput, LayerPlan, Method, Params, Plan, Shape, Source};
 use crate::budget::Allocation;
 use crate::error::Result;
 use crate::profile::Profile;
@@ -54,16 +54,35 @@ pub fn build(
     cells: &[u32],
     layers: &[LayerInput<'_>],
 ) -> Result<Plan> {
+    build_from(params, shape, profile, cells, Source::Host(layers))
+}
+
+/// [`build`] with the scores from `source`: the keys and queries of every layer, or an external scorer.
+/// With an external scorer nothing checks keys or queries (there are none); each layer's scores are
+/// checked to be one vector of `window.start` floats per head asked for, else the build fails
+/// ([`Error::InvalidArg`], or the scorer's own error) and no plan is made.
+pub fn build_from(
+    params: &Params,
+    shape: Shape,
+    profile: Option<&Profile>,
+    cells: &[u32],
+    source: Source<'_, '_>,
+) -> Result<Plan> {
     let t0 = std::time::Instant::now();
     let n = cells.len();
     let h = shape.heads;
     h.validate()?;
-    if shape.n_layer == 0 || layers.len() != shape.n_layer {
-        return Err(Error::InvalidArg(format!(
-            "{} layer inputs for n_layer {}",
-            layers.len(),
-            shape.n_layer
-        )));
+    if let Source::Host(layers) = &source {
+        if layers.len() != shape.n_layer {
+            return Err(Error::InvalidArg(format!(
+                "{} layer inputs for n_layer {}",
+                layers.len(),
+                shape.n_layer
+            )));
+        }
+    }
+    if shape.n_layer == 0 {
+        return Err(Error::InvalidArg("n_layer 0: no layers".into()));
     }
     if n == 0 {
         return Err(Error::InvalidArg("empty sequence: no cells".into()));
@@ -93,7 +112,14 @@ pub fn build(
 
     let streaming_only = params.method == Method::StreamingLlm;
     let want_q = params.window * h.n_head * h.head_dim;
-    for (l, li) in layers.iter().enumerate() {
+    let host_layers: &[LayerInput<'_>] = match &source {
+        Source::Host(layers) => layers,
+        Source::External(_) => &[],
+    };
+    if matches!(source, Source::External(_)) && cells.iter().any(|&c| c > i32::MAX as u32) {
+        return Err(Error::InvalidArg("a cell index exceeds int32".into()));
+    }
+    for (l, li) in host_layers.iter().enumerate() {
         check_keys(&li.keys, cells, h).map_err(|e| Error::InvalidArg(format!("layer {l}: {}", e.message())))?;
         let ok = li.queries.len() == want_q || (streaming_only && li.queries.is_empty());
         if !ok {
@@ -145,15 +171,43 @@ pub fn build(
         cells,
         window: window.clone(),
     };
-    let layer_plans: Vec<LayerPlan> = layers
-        .par_iter()
-        .zip(budgets.par_iter())
-        .zip(heads.into_par_iter())
-        .map(|((li, &budget), used)| {
-            let k = if resolved.fill { fill_k } else { budget.min(n) };
-            ctx.plan_layer(li, budget, k, used)
-        })
-        .collect::<Result<_>>()?;
+    let k_of = |budget: usize| if resolved.fill { fill_k } else { budget.min(n) };
+    let external = matches!(source, Source::External(_));
+    let layer_plans: Vec<LayerPlan> = match source {
+        Source::Host(layers) => layers
+            .par_iter()
+            .zip(budgets.par_iter())
+            .zip(heads.into_par_iter())
+            .map(|((li, &budget), used)| {
+                let mut score = |hs: &[usize]| head_scores(&li.keys, cells, h, li.queries, window.clone(), hs);
+                ctx.plan_layer(budget, k_of(budget), used, &mut score)
+            })
+            .collect::<Result<_>>()?,
+        Source::External(scorer) => {
+            let mut out = Vec::with_capacity(shape.n_layer);
+            for (l, (&budget, used)) in budgets.iter().zip(heads).enumerate() {
+                let mut score = |hs: &[usize]| {
+                    let s = scorer(l, hs, window.clone())?;
+                    if s.len() != hs.len() || s.iter().any(|v| v.len() != window.start) {
+                        return Err(Error::InvalidArg(format!(
+                            "layer {l}: the scorer returned {} vectors for {} heads, or not {} scores each",
+                            s.len(),
+                            hs.len(),
+                            window.start
+                        )));
+                    }
+                    if s.iter().flatten().any(|v| !v.is_finite()) {
+                        return Err(Error::InvalidArg(format!(
+                            "layer {l}: the scorer returned a score that is not finite"
+                        )));
+                    }
+                    Ok(s)
+                };
+                out.push(ctx.plan_layer(budget, k_of(budget), used, &mut score)?);
+            }
+            out
+        }
+    };
 
     let n_slots = layer_plans
         .iter()
@@ -170,6 +224,7 @@ pub fn build(
         n_slots,
         fallback_all_heads: fallback,
         ms_score: t0.elapsed().as_secs_f64() * 1e3,
+        external_scores: external,
     })
 }
 
@@ -283,9 +338,13 @@ struct LayerCtx<'a> {
     window: std::ops::Range<usize>,
 }
 
+/// The raw scores of the given query heads, one vector per head (a layer's scorer, host or external).
+type HeadScorer<'s> = dyn FnMut(&[usize]) -> Result<Vec<Vec<f32>>> + 's;
+
 impl LayerCtx<'_> {
-    /// Plan one layer keeping `k` tokens per group, scored by the query heads `used`.
-    fn plan_layer(&self, li: &LayerInput<'_>, budget: usize, k: usize, used: Vec<usize>) -> Result<LayerPlan> {
+    /// Plan one layer keeping `k` tokens per group, scored by the query heads `used`; `score(heads)` gives
+    /// the raw scores of `heads` (called at most once).
+    fn plan_layer(&self, budget: usize, k: usize, used: Vec<usize>, score: &mut HeadScorer) -> Result<LayerPlan> {
         let p = self.params;
         let (n, h) = (self.cells.len(), self.heads);
         let (n_groups, gs) = if p.per_head {
@@ -316,7 +375,7 @@ impl LayerCtx<'_> {
         } else if k >= n || ws == 0 {
             vec![(0..n as u32).collect(); n_groups]
         } else {
-            let raw = head_scores(&li.keys, self.cells, h, li.queries, self.window.clone(), &heads_used)?;
+            let raw = score(&heads_used)?;
             let pooled: Vec<Vec<f32>> = raw.iter().map(|s| pool(s, p.pool_kernel, p.pool)).collect();
             group_heads
                 .iter()
@@ -436,6 +495,44 @@ mod tests {
         assert_eq!(plan.layers[0].groups[0].kept, vec![0, 1, 2, 3, 5]);
         assert_eq!(plan.params.n_sink, 4);
         assert!(plan.layers[0].heads_used.is_empty());
+    }
+
+    /// An external scorer that returns the library's own scores gives the same plan; one that returns the
+    /// wrong number of scores, or fails, makes no plan.
+    #[test]
+    fn external_scores() {
+        let cells = [5u32, 4, 3, 2, 1, 0];
+        let mut buf = vec![0f32; 6];
+        for (t, &c) in cells.iter().enumerate() {
+            buf[c as usize] = [0.0, 3.0, 1.0, 2.0, 0.0, 0.0][t];
+        }
+        let bytes = f32_bytes(&buf);
+        let view = LayerView::new(Geometry::rows(GgmlType::F32, 1, 6).unwrap(), &bytes).unwrap();
+        let li = [LayerInput {
+            keys: view,
+            queries: &[1.0],
+        }];
+        let prm = params(Method::SnapKv, 3);
+        let host = build(&prm, one_head(), None, &cells, &li).unwrap();
+        let mut calls = Vec::new();
+        let mut same = |l: usize, hs: &[usize], w: std::ops::Range<usize>| {
+            calls.push((l, hs.to_vec(), w.clone()));
+            head_scores(&li[0].keys, &cells, one_head().heads, li[0].queries, w, hs)
+        };
+        let ext = build_from(&prm, one_head(), None, &cells, Source::External(&mut same)).unwrap();
+        assert_eq!(calls, vec![(0, vec![0], 5..6)]);
+        assert_eq!(ext.layers, host.layers);
+        assert!(ext.external_scores && !host.external_scores);
+        let mut short = |_: usize, hs: &[usize], w: std::ops::Range<usize>| Ok(vec![vec![0.0; w.start - 1]; hs.len()]);
+        let e = build_from(&prm, one_head(), None, &cells, Source::External(&mut short)).unwrap_err();
+        assert!(e.message().contains("the scorer returned"), "{e}");
+        let mut nan = |_: usize, hs: &[usize], w: std::ops::Range<usize>| Ok(vec![vec![f32::NAN; w.start]; hs.len()]);
+        let e = build_from(&prm, one_head(), None, &cells, Source::External(&mut nan)).unwrap_err();
+        assert!(e.message().contains("not finite"), "{e}");
+        let mut failing =
+            |_: usize, _: &[usize], _: std::ops::Range<usize>| Err(Error::InvalidArg("device lost".into()));
+        let e = build_from(&prm, one_head(), None, &cells, Source::External(&mut failing)).unwrap_err();
+        assert!(e.message().contains("device lost"), "{e}");
     }
 
     #[test]

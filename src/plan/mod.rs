@@ -21,6 +21,7 @@
 //!         k_l >= n or ws == 0:   kept = 0..n (nothing to score)
 //!         otherwise:
 //!             raw[h] = head_scores(K_l, cells, Q_l, window, h)      for every head some group reads
+//!                      (build_from with an external scorer: scorer(l, heads, window), layers in order)
 //!             p[h]   = pool(raw[h], pool_kernel, pool)
 //!             per layer:    s = mean of p[h] over the layer's heads;       kept = select(s, .., k_l, chunk)
 //!             per KV head:  s_g = mean of p[h] over the layer's heads in group g (all of g's heads when
@@ -45,7 +46,7 @@
 
 mod builder;
 
-pub use builder::{allocation_for, build};
+pub use builder::{allocation_for, build, build_from};
 
 use crate::budget::Allocation;
 use crate::error::Result;
@@ -153,6 +154,19 @@ pub struct LayerInput<'a> {
     pub queries: &'a [f32],
 }
 
+/// Raw head scores of one layer computed outside the library (a graph on the device that holds the cache):
+/// `(layer, heads, window)` gives one vector of `window.start` floats per head of `heads`, what
+/// [`crate::score::head_scores`] returns for them (window `[ws, we)` attending causally to tokens `0..we`).
+pub type ExternalScorer<'s> = dyn FnMut(usize, &[usize], std::ops::Range<usize>) -> Result<Vec<Vec<f32>>> + 's;
+
+/// Where the scores of [`build_from`] come from.
+pub enum Source<'a, 'b> {
+    /// The library scores each layer from its keys and window queries, layers in parallel.
+    Host(&'b [LayerInput<'a>]),
+    /// The caller's scorer, called once per layer that needs scores, in layer order, on the calling thread.
+    External(&'b mut ExternalScorer<'a>),
+}
+
 /// Kept tokens and cell moves of one group (a layer, or one KV head of it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupPlan {
@@ -197,6 +211,8 @@ pub struct Plan {
     pub fallback_all_heads: bool,
     /// Milliseconds spent scoring and selecting.
     pub ms_score: f64,
+    /// The scores came from an external scorer ([`Source::External`]), not from the keys.
+    pub external_scores: bool,
 }
 
 impl Plan {

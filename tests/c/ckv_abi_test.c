@@ -704,6 +704,7 @@ static void test_compact_refusals(ckv_plan * plan) {
     REFUSED(ckv_checksum(C.kb, WITH_V(2, n_cells, 8), N_LAYER, cells, N_TOK, sum, sizeof sum), CKV_ERR_INVALID_ARG, "v[2]");
     REFUSED(ckv_checksum(C.kb, C.vb, N_LAYER, cells, N_TOK, small, sizeof small), CKV_ERR_SIZE, "buf_size");
     REFUSED(ckv_request_hidden(NULL, 0, (uint8_t *) small, 1), CKV_ERR_NULL, "req");
+    REFUSED(ckv_request_plan_scored(NULL, NULL, NULL, NULL, NULL, 0, NULL, NULL, NULL, NULL), CKV_ERR_NULL, "score");
 
     /* the device gather of layer 1: its pairs are the plan's moves in units, within each block's span */
     int32_t nb = -1, ng = ckv_plan_n_groups(plan), kept = 0;

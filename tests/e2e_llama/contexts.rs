@@ -4,7 +4,7 @@
 use super::*;
 
 /// iSWA (Gemma 3 270M, a base model): the sliding-window layers keep their own small cache and the three
-/// full-attention layers are compressed; the needle is still retrieved. The exact form, whose per-layer mask
+/// full-attention layers are compressed; the needle is still retrieved, also with scores from the graph. The exact form, whose per-layer mask
 /// iSWA attention does not apply, is refused with the full cache kept.
 #[test]
 fn gemma3_iswa_compresses_the_full_attention_layers() {
@@ -28,10 +28,11 @@ fn gemma3_iswa_compresses_the_full_attention_layers() {
     text.push_str("Answer: The best thing to do in San Francisco is");
     std::fs::write(&prompt, text).unwrap();
 
-    let gemma_run = |extra: &[&str], tag: &str| {
+    let gemma_run = |extra: &[&str], tag: &str, env: &[(&str, &str)]| {
         let stats = tmpdir().join(format!("stats-{tag}.jsonl"));
         let _ = std::fs::remove_file(&stats);
         let out = Command::new(completion_bin())
+            .envs(env.iter().copied())
             .args(["-m", gemma.to_str().unwrap(), "-f", prompt.to_str().unwrap()])
             .args(["-n", "24", "--temp", "0", "--seed", "1", "-c", "4096", "-t", "2"])
             .args(["-no-cnv", "--no-display-prompt", "--no-warmup", "--simple-io"])
@@ -59,7 +60,7 @@ fn gemma3_iswa_compresses_the_full_attention_layers() {
         )
     };
 
-    let (ok, answer, log, stats) = gemma_run(&[], "gemma3");
+    let (ok, answer, log, stats) = gemma_run(&[], "gemma3", &[]);
     assert!(ok, "{log}");
     assert_eq!(stats.len(), 1, "{log}");
     let s = &stats[0];
@@ -72,7 +73,16 @@ fn gemma3_iswa_compresses_the_full_attention_layers() {
     assert!(s["cells_after"].as_u64().unwrap() <= 256);
     assert!(answer.to_lowercase().contains("sandwich"), "{answer:?}");
 
-    let (ok, _, log, stats) = gemma_run(&["--compresskv-form", "exact"], "gemma3-exact");
+    // scores from a graph on the cache's backend match the library's (the test of that in `cache.rs`)
+    let (ok, checked, log, stats) = gemma_run(&[], "gemma3-check", &[("LLAMA_COMPRESSKV_SCORE", "check")]);
+    assert!(ok, "{log}");
+    let c = &stats[0]["score_check"];
+    assert_eq!(stats[0]["scores"], "caller", "{log}");
+    assert!(c["max_abs_diff"].as_f64().unwrap_or(f64::INFINITY) <= 1e-4, "{c}");
+    assert_eq!(c["same_cells"], true, "{c}");
+    assert_eq!(checked, answer);
+
+    let (ok, _, log, stats) = gemma_run(&["--compresskv-form", "exact"], "gemma3-exact", &[]);
     assert!(ok, "{log}");
     assert!(stats.is_empty());
     assert!(log.contains("iSWA"), "{log}");

@@ -35,6 +35,7 @@ fn plan_with(groups: Vec<Vec<GroupPlan>>) -> Plan {
         n_slots,
         fallback_all_heads: false,
         ms_score: 0.0,
+        external_scores: false,
     }
 }
 
