@@ -8,8 +8,8 @@
 #   bench/gpu.sh run           there (the device tool; carry the packed files: target/gpu/llama-src.tar.gz,
 #                              target/gpu/libcompresskv.a.gz, target/gpu/crates.tar.gz, target/gpu/commit, not
 #                              target/gpu): unpack, build llama-compresskv-bench with CUDA, write the
-#                              random-weight 8B-shaped model (bench/random_gguf.py), run the compaction check,
-#                              then the speed grid; JSON results and logs go to $OUT (default target/gpu/out)
+#                              random-weight models (bench/random_gguf.py), run the exactness checks (--check
+#                              and --paths on a 1B-shaped F16 model), then the speed grid on the 8B-shaped one; JSON results and logs go to $OUT (default target/gpu/out)
 #   bench/gpu.sh collect DIR   here: copy DIR's JSON results to bench/results/ (then python3 bench/plot.py)
 #
 # What run needs on the GPU machine: cmake, python3, timeout, a C/C++ compiler and the CUDA toolkit (nvcc; not
@@ -124,12 +124,29 @@ run)
   mkdir -p "$res"
   quiet() { grep -v "^run: compresskv: no profile" || true; }
   check_rc=0
-  if [ ! -f "$res/kvcheck-random-$shape-$dev.json" ]; then
+  # the exactness checks, on F16 weights with distinct data per tensor (a 1B shape: the layers differ and no
+  # weight quantizes the activations). Criteria, fixed here before any run: --check, compacted logits within
+  # 2e-3 of the masked reference with no greedy disagreement outside near ties, the full cache 100x further
+  # (the control); --paths, per cache setting, the device scores within 1e-4 of the library's host scores, the
+  # same cells, the same checksum of the compacted cells as the host-copy path, the same greedy tokens.
+  cshape=${CHECK_SHAPE:-1b}
+  cmodel=/tmp/compresskv-random-$cshape-f16.gguf
+  stamp "check model ($cshape, F16)"
+  [ -f "$cmodel" ] || python3 bench/random_gguf.py --shape "$cshape" --type f16 --scale 0.02 -o "$cmodel"
+  if [ ! -f "$res/kvcheck-random-$cshape-f16-$dev.json" ]; then
     stamp "compaction check"
     # a failed check is reported (its JSON and the exit code) but does not cost the speed grid its device time
-    "$bin" -m "$model" --check -ngl $ngl -t "$(nproc)" -d 4096 -B 256,1024 -n 16 \
-        -o "$res/kvcheck-random-$shape-$dev.json" 2>&1 | quiet || { check_rc=$?; stamp "compaction check FAILED"; }
+    "$bin" -m "$cmodel" --check -ngl $ngl -t "$(nproc)" -d 4096 -B 256,1024 -n 16 \
+        -o "$res/kvcheck-random-$cshape-f16-$dev.json" 2>&1 | quiet || { check_rc=$?; stamp "compaction check FAILED"; }
   fi
+  for cfg in "fa-on:-fa on" "fa-off:-fa off" "q8_0:-fa on -ctk q8_0 -ctv q8_0" "per-head:-fa on --per-head"; do
+    f="$res/kvpaths-random-$cshape-f16-${cfg%%:*}-$dev.json"
+    [ -f "$f" ] && continue
+    stamp "device vs host paths (${cfg%%:*})"
+    # shellcheck disable=SC2086
+    "$bin" -m "$cmodel" --paths ${cfg#*:} -ngl $ngl -t "$(nproc)" -d 8192 -B 256,1024 -n 16 -o "$f" 2>&1 | quiet \
+      || { check_rc=$?; stamp "paths ${cfg%%:*} FAILED"; }
+  done
   left=$(( ${DEADLINE:-560} - ($(date +%s) - t0) ))
   stamp "speed grid ($left s left)"
   if [ $left -gt 10 ]; then
@@ -143,7 +160,7 @@ run)
   ;;
 collect)
   dir=${2:?collect DIR}
-  for f in "$dir"/kvspeed-*.json "$dir"/kvcheck-*.json; do
+  for f in "$dir"/kvspeed-*.json "$dir"/kvcheck-*.json "$dir"/kvpaths-*.json; do
     [ -f "$f" ] || continue
     python3 - "$f" "$(cat target/gpu/commit 2>/dev/null || git rev-parse HEAD)" "$dir/gpu.txt" <<'EOF'
 import json, os, sys

@@ -2,8 +2,9 @@
 # Build the compresskv static library, the patched llama.cpp tools (CPU by default) and this repository's
 # own tools over llama.h (src/bin: llama-compresskv-calibrate, llama-compresskv-bench).
 #
-#   scripts/build-llama.sh                 llama-completion, llama-cli, llama-server, llama-bench and the two
-#                                          compresskv tools
+#   scripts/build-llama.sh                 llama-completion, llama-cli, llama-server, llama-bench, ggml-rpc-server
+#                                          and the two compresskv tools (with the RPC backend, -DGGML_RPC=ON:
+#                                          inert unless --rpc names servers)
 #   scripts/build-llama.sh --cuda          the same with -DGGML_CUDA=ON (CMAKE_CUDA_ARCHITECTURES from $CUDA_ARCH, default 90)
 #   scripts/build-llama.sh --targets "a b" only these targets
 #   scripts/build-llama.sh --off           upstream behaviour: LLAMA_COMPRESSKV=OFF (build dir vendor/build-off;
@@ -20,7 +21,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 cuda=0; off=0
-targets="llama-completion llama-cli llama-server llama-bench llama-compresskv-calibrate llama-compresskv-bench"
+targets="llama-completion llama-cli llama-server llama-bench ggml-rpc-server llama-compresskv-calibrate llama-compresskv-bench"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cuda) cuda=1; shift ;;
@@ -50,7 +51,7 @@ vendor/fetch.sh
 
 jobs=${JOBS:-$(nproc)}
 flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
-       -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF)
+       -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_RPC=ON)
 cflags=$(scripts/ggml-cflags.sh)  # AMX off: see there
 flags+=(-DCMAKE_C_FLAGS="$cflags" -DCMAKE_CXX_FLAGS="$cflags")
 if [ $off = 1 ]; then

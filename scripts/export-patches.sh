@@ -34,8 +34,10 @@ What must live inside llama.cpp to compress a sequence's KV cache right after it
 - llama.h: llama_kv_compress() and helpers, without #ifdef (without the option they report that
   compression is not built in); options are a "key=value;" string the compresskv library parses;
 - query capture in build_attn (the queries as attention sees them, post-RoPE and rotated like K);
+- for caches off the host (GPU, RPC), each layer's window attention scores computed by a small graph on the
+  backend that holds that layer, so only the scores come to the host and the library plans from them;
 - moving the kept cells to the lowest cells of the sequence (in place on host buffers through the library,
-  by a gather graph on device buffers) and rewriting the cell metadata;
+  by a gather graph on the backend of each layer's device buffer) and rewriting the cell metadata;
 - a per-layer mask bias for the exact and mask forms;
 - refusing position edits inside a compressed prompt, and marking compressed sequences in saved states
   (a block whose magic takes the place of n_stream, so that a build without it refuses them cleanly).

@@ -10,5 +10,5 @@ scripts/setup.sh
 # llama-compresskv-calibrate and llama-compresskv-bench are this repository's Rust tools (src/bin): build-llama.sh
 # builds them with `cargo build --release --features llama --bins` (never llama.cpp's C++ targets of those
 # names) and copies them into vendor/build/bin beside llama-completion, where the e2e tests look for them.
-scripts/build-llama.sh --targets "llama-completion llama-cli llama-server llama-quantize llama-compresskv-calibrate llama-compresskv-bench"
+scripts/build-llama.sh --targets "llama-completion llama-cli llama-server llama-quantize ggml-rpc-server llama-compresskv-calibrate llama-compresskv-bench"
 cargo test --release --features llama "$@"

@@ -1,5 +1,5 @@
 //! Other contexts: Gemma 3 iSWA, a prompt longer than the context, a compressed session saved, loaded and
-//! continued.
+//! continued, a model split across two RPC servers.
 
 use super::*;
 
@@ -293,4 +293,113 @@ fn compressed_session_saves_loads_and_continues() {
         t_plain.as_secs_f64(),
         first.answer
     );
+}
+
+/// Two `ggml-rpc-server` processes on loopback, killed when dropped.
+struct RpcServers(Vec<std::process::Child>, String);
+
+impl RpcServers {
+    /// Start two servers on free ports (each bound and released first, then retried a few times).
+    fn start() -> RpcServers {
+        let bin = bin_dir().join("ggml-rpc-server");
+        assert!(
+            bin.exists(),
+            "{} is missing: run scripts/build-llama.sh (scripts/test.sh does)",
+            bin.display()
+        );
+        let mut children = Vec::new();
+        let mut endpoints = Vec::new();
+        while children.len() < 2 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = Command::new(&bin)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string(), "-t", "1"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start ggml-rpc-server");
+            let up = (0..100).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            if up {
+                children.push(child);
+                endpoints.push(format!("127.0.0.1:{port}"));
+            } else {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        RpcServers(children, endpoints.join(","))
+    }
+}
+
+impl Drop for RpcServers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// llama.cpp's RPC backend: SmolLM2's layers on two `ggml-rpc-server`s on loopback (layers 0-15 on the first,
+/// 16-29 and the output on the second), so the cache spans two RPC buffer types. Each layer is scored and
+/// compacted by graphs on the server that holds it, and the cache never comes to the client
+/// (`"scores": "caller"`, `"compact": "graph"`, no host copy in the log); the scores match the library's on a
+/// host copy (`LLAMA_COMPRESSKV_SCORE=check`) and the moved cells hash the same as the host-copy path's, with
+/// the same answer, which retrieves the needle.
+#[test]
+fn rpc_servers_score_and_compact_where_the_cache_is() {
+    let prompt = needle_prompt(6000, 0.5);
+    let mut out = Vec::new();
+    for (tag, score, compact) in [("rpc-graph", "check", ""), ("rpc-host", "host", "host")] {
+        // fresh servers per run: a server keeps no state between clients, and a crash shows in its own run
+        let servers = RpcServers::start();
+        let args = [
+            "-n",
+            "16",
+            "--rpc",
+            &servers.1,
+            "-ngl",
+            "99",
+            "--compresskv",
+            "--compresskv-budget",
+            "128",
+        ];
+        let r = run_env(
+            &prompt,
+            &args,
+            tag,
+            &[
+                ("LLAMA_COMPRESSKV_SCORE", score),
+                ("LLAMA_COMPRESSKV_COMPACT", compact),
+                ("LLAMA_COMPRESSKV_CHECKSUM", "1"),
+            ],
+        );
+        drop(servers);
+        assert!(r.ok, "{tag}: {}", r.log);
+        assert_eq!(r.stats.len(), 1, "{tag}: {}", r.log);
+        out.push((r.stats[0].clone(), r.answer, r.log));
+    }
+    let (graph, host) = (&out[0], &out[1]);
+    assert_eq!(graph.0["scores"], "caller", "{}", graph.2);
+    assert_eq!(graph.0["compact"], "graph", "{}", graph.2);
+    assert!(!graph.2.contains("copy of the cache in host memory"), "{}", graph.2);
+    let c = &graph.0["score_check"];
+    assert!(c["max_abs_diff"].as_f64().unwrap_or(f64::INFINITY) <= 1e-4, "{c}");
+    assert_eq!(c["same_cells"], true, "{c}");
+    // the reference: the library scores and compacts a host copy of the cache
+    assert_eq!(host.0["scores"], "library");
+    assert_eq!(host.0["compact"], "host-copy", "{}", host.2);
+    assert!(graph.0["kv_checksum"].is_string());
+    assert_eq!(
+        graph.0["kv_checksum"], host.0["kv_checksum"],
+        "the same cells in the same places"
+    );
+    assert_eq!(graph.1, host.1, "the same answer");
+    assert!(graph.1.to_lowercase().contains("sandwich"), "{:?}", graph.1);
 }

@@ -35,6 +35,10 @@ pub struct Options {
     pub profile: Option<String>,
     /// Where the evicted cells go.
     pub form: Form,
+    /// One selection per KV head.
+    pub per_head: bool,
+    /// A file the compression appends its stats line to.
+    pub stats: Option<String>,
 }
 
 /// The library's default scoring settings (recorded in the tools' JSON).
@@ -83,6 +87,12 @@ fn options_text(o: &Options) -> String {
     }
     if let Some(p) = &o.profile {
         s.push_str(&format!(";profile={p}"));
+    }
+    if o.per_head {
+        s.push_str(";per_head=1");
+    }
+    if let Some(p) = &o.stats {
+        s.push_str(&format!(";stats={p}"));
     }
     s
 }

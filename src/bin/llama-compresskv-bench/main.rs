@@ -14,7 +14,8 @@
 //! the same configuration on the same -o resumes: it keeps those rows and runs the others.
 //!
 //! --check instead runs the compaction check of tests/llama_api.rs on whatever backend holds the cache (the
-//! gather graph on a GPU): see check.rs.
+//! gather graph on a GPU): see check.rs. --paths compares the device paths (scoring and compaction graphs) with
+//! the host paths in the run's cache types: see paths.rs.
 //!
 //! Exit status: 0 every row ok, 1 a row or the run failed (the rows done are in the JSON), 2 a usage error.
 
@@ -26,6 +27,7 @@ mod check;
 #[path = "../common/mod.rs"]
 mod common;
 mod mt;
+mod paths;
 mod speed;
 
 use std::collections::HashSet;
@@ -101,6 +103,15 @@ struct Args {
     /// The check's tolerance on the logits
     #[arg(long, value_name = "X", default_value = "2e-3", value_parser = parse_tol)]
     tol: f32,
+    /// Device paths (scoring and compaction graphs) against the host paths instead of speed (see paths.rs)
+    #[arg(long, conflicts_with = "check")]
+    paths: bool,
+    /// --paths: the tolerance on the scores (sums of softmax weights over the window)
+    #[arg(long = "score-tol", value_name = "X", default_value = "1e-4", value_parser = parse_tol)]
+    score_tol: f32,
+    /// One selection per KV head
+    #[arg(long = "per-head")]
+    per_head: bool,
 }
 
 /// A comma-separated list of non-negative integers.
@@ -196,6 +207,8 @@ fn main() -> ExitCode {
         budget: 0,
         profile: a.profile.clone(),
         form: Form::Default,
+        per_head: a.per_head,
+        stats: None,
     };
     ExitCode::from(run(
         &a,
@@ -303,6 +316,7 @@ struct SpeedRow {
 enum Row {
     Speed(SpeedRow),
     Check(check::CheckRow),
+    Paths(paths::PathsRow),
 }
 
 /// The JSON document (-o), fields in the C++ tool's order.
@@ -454,7 +468,7 @@ fn run(a: &Args, r: &Run) -> i32 {
     };
     // resume (speed mode): the rows an earlier run of the same configuration wrote to -o are kept, not redone
     let mut done = HashSet::new();
-    if !a.check {
+    if !a.check && !a.paths {
         if let Some(rows) = resumable_rows(&doc, &a.output) {
             for row in rows {
                 done.insert((row.depth, row.budget.unwrap_or(0)));
@@ -476,20 +490,29 @@ fn run(a: &Args, r: &Run) -> i32 {
 
     let mut rc = 0;
     let mut one = Batch::new(1);
-    if a.check {
-        doc.kind = "kvcheck";
-        doc.tol = Some(a.tol as f64);
+    if a.check || a.paths {
+        (doc.kind, doc.tol) = if a.check {
+            ("kvcheck", Some(a.tol as f64))
+        } else {
+            ("kvpaths", Some(a.score_tol as f64))
+        };
         for &depth in &a.depths.0 {
             for &budget in &a.budgets.0 {
                 if budget <= 0 || budget >= depth {
                     continue;
                 }
-                let row = check::check_one(&model, a, r, &tokens, depth, budget, n_vocab, &mut one);
-                rc |= !row.ok as i32;
-                let status = if row.ok { "ok" } else { "FAILED" };
+                let (ok, row) = if a.check {
+                    let row = check::check_one(&model, a, r, &tokens, depth, budget, n_vocab, &mut one);
+                    (row.ok, Row::Check(row))
+                } else {
+                    let row = paths::paths_one(&model, a, r, &tokens, depth, budget, n_vocab, &mut one);
+                    (row.ok, Row::Paths(row))
+                };
+                rc |= !ok as i32;
+                let status = if ok { "ok" } else { "FAILED" };
                 let line = serde_json::to_string(&row).expect("plain data serializes");
-                eprintln!("check depth {depth:>7} budget {budget:>5}: {status}  {line}");
-                doc.rows.push(Row::Check(row));
+                eprintln!("{} depth {depth:>7} budget {budget:>5}: {status}  {line}", doc.kind);
+                doc.rows.push(row);
                 save(&doc, &a.output);
             }
         }
