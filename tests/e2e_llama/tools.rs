@@ -249,3 +249,82 @@ fn server_compresses_the_prompt_and_reuses_it() {
     }
     assert_eq!(answers[0], answers[1], "the same request must give the same answer");
 }
+
+/// `llama-cli`'s conversation mode (it runs on the server's slot code): the first message (a ~1.8K-token
+/// document with the needle and its question) is compressed to the budget, each later turn read from stdin is
+/// appended after the kept cells (the cells before its compression are the kept cells plus that turn, not the
+/// conversation again) and the sequence is compressed back to the budget, so the memory stays flat.
+#[test]
+fn cli_conversation_appends_turns_to_the_compressed_cache() {
+    let bin = bin_dir().join("llama-cli");
+    assert!(
+        bin.exists(),
+        "{} is missing: run scripts/build-llama.sh (scripts/test.sh does)",
+        bin.display()
+    );
+    let out = Command::new("python3")
+        .arg(root().join("bench/needle.py"))
+        .args([
+            "--essays",
+            essays().to_str().unwrap(),
+            "--chars",
+            "8000",
+            "--depth",
+            "0.5",
+        ])
+        .args(["--template", "none"])
+        .output()
+        .expect("python3 bench/needle.py");
+    assert!(out.status.success());
+    let doc = tmpdir().join("cli-document.txt");
+    std::fs::write(&doc, &out.stdout).unwrap();
+    let stats = tmpdir().join("stats-cli.jsonl");
+    let _ = std::fs::remove_file(&stats);
+    let questions = "Who wrote the essay?\nWhat is the best thing to do in San Francisco?\nSay that again.\n";
+    let mut child = Command::new(&bin)
+        .args(["-m", model().to_str().unwrap(), "-f", doc.to_str().unwrap()])
+        .args(["-t", "2", "-c", "4096", "-n", "24", "--temp", "0", "--no-warmup"])
+        .args([
+            "--compresskv",
+            "--compresskv-budget",
+            "256",
+            "--compresskv-stats",
+            stats.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run llama-cli");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(questions.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (text, log) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{log}");
+    assert!(text.to_lowercase().contains("sandwich"), "{text}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&stats)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "the document and each of 3 turns compressed:\n{log}");
+    let first = &lines[0];
+    assert!(first["n_prompt"].as_u64().unwrap() > 1500, "{first}");
+    assert_eq!(first["cells_before"], first["n_prompt"]);
+    for w in lines.windows(2) {
+        let (before, after) = (&w[0], &w[1]);
+        let kept = before["cells_after"].as_u64().unwrap();
+        assert!(kept <= 256, "{before}");
+        // the previous answer and the new question: tens of tokens, appended after the kept cells
+        let added = after["cells_before"].as_u64().unwrap() - kept;
+        let grown = after["n_prompt"].as_u64().unwrap() - before["n_prompt"].as_u64().unwrap();
+        assert!(
+            added <= 80 && added >= grown,
+            "{added} cells added for {grown} new tokens: {after}"
+        );
+        assert!(after["cells_after"].as_u64().unwrap() <= 256, "{after}");
+    }
+}
