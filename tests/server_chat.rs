@@ -78,7 +78,13 @@ fn user(text: &str) -> Value {
 
 /// One request to the chat endpoint: (HTTP status, body).
 fn post_chat(addr: SocketAddr, messages: &[Value]) -> (u32, String) {
-    let req = json!({"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.0, "seed": 1});
+    post_chat_to(addr, messages, -1)
+}
+
+/// One request to the chat endpoint, to slot `id_slot` (-1: the server chooses).
+fn post_chat_to(addr: SocketAddr, messages: &[Value], id_slot: i64) -> (u32, String) {
+    let req = json!({"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.0, "seed": 1,
+                     "id_slot": id_slot});
     http(
         addr,
         "POST",
@@ -91,7 +97,12 @@ fn post_chat(addr: SocketAddr, messages: &[Value]) -> (u32, String) {
 
 /// One turn: (answer, timings.prompt_n, timings.cache_n).
 fn chat(addr: SocketAddr, messages: &[Value]) -> (String, u64, u64) {
-    let (status, body) = post_chat(addr, messages);
+    chat_to(addr, messages, -1)
+}
+
+/// One turn in slot `id_slot`.
+fn chat_to(addr: SocketAddr, messages: &[Value], id_slot: i64) -> (String, u64, u64) {
+    let (status, body) = post_chat_to(addr, messages, id_slot);
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     let t = &v["timings"];
@@ -104,13 +115,24 @@ fn chat(addr: SocketAddr, messages: &[Value]) -> (String, u64, u64) {
 
 /// The slot's KV cells and the tokens of its history (`/slots`).
 fn slot(addr: SocketAddr) -> (i64, u64) {
+    slots(addr)[0]
+}
+
+/// Each slot's KV cells and the tokens of its history (0 before its first task).
+fn slots(addr: SocketAddr) -> Vec<(i64, u64)> {
     let (status, body) = http(addr, "GET", "/slots", "", Duration::from_secs(30)).unwrap();
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
-    (
-        v[0]["n_cells"].as_i64().unwrap(),
-        v[0]["n_prompt_tokens"].as_u64().unwrap(),
-    )
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["n_cells"].as_i64().unwrap(),
+                s["n_prompt_tokens"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
 }
 
 fn slot_action(addr: SocketAddr, action: &str, body: Value) {
@@ -270,4 +292,67 @@ fn conversation_reuses_the_compressed_history_and_stays_flat() {
     // recompressions, the slot's lowest position is past it and the prompt is reset to 0)
     assert!(server.log_has(from, "prefilled from scratch"), "{}", server.tail());
     eprintln!("per turn (prompt_n, cache_n, cells, history tokens): {per_turn:?}");
+}
+
+/// Four slots share one unified cache of 4096 cells, less than two of the conversations below would need
+/// uncompressed. Four conversations (each the document with its own first question, then 20 turns) run
+/// interleaved, one request at a time, each pinned to its slot: every turn after a conversation's first reuses
+/// its slot's compressed history and prefills only its new tokens, every slot stays under the trigger, and at
+/// the end each history is longer than half the cache. `--cache-ram 0` keeps idle slots resident: with the RAM
+/// prompt cache on (the default) llama-server clears a unified cache's idle slots into it when another slot
+/// starts, and a slot pinned by `id_slot` then prefills from scratch, upstream too (a full-cache server with 2
+/// slots: `cache_n` 0 on every turn; with `--cache-ram 0`, the whole history reused).
+#[test]
+fn four_slots_hold_compressed_chats_in_a_cache_too_small_for_two_uncompressed() {
+    const N_SLOTS: usize = 4;
+    const CACHE: u64 = 4096;
+    let model = script_output("scripts/fetch-model.sh", &["smollm2"]);
+    #[rustfmt::skip]
+    let args = [
+        "-m", model.to_str().unwrap(), "-t", "2", "--no-warmup", "-c", &CACHE.to_string(),
+        "-np", &N_SLOTS.to_string(), "-kvu", "--cache-ram", "0",
+        "--compresskv", "--compresskv-budget", &BUDGET.to_string(),
+    ];
+    let server = Server::start(&args, &[], "server-chat-4-slots.log");
+    let addr = server.addr;
+    let doc = document();
+    let mut chats: Vec<Vec<Value>> = (0..N_SLOTS)
+        .map(|i| {
+            vec![user(&format!(
+                "Read this document.\n\n{doc}\n\n{}",
+                QUESTIONS[i % QUESTIONS.len()]
+            ))]
+        })
+        .collect();
+    let mut history = [0u64; N_SLOTS];
+    for turn in 0..=TURNS {
+        for (i, messages) in chats.iter_mut().enumerate() {
+            let (answer, prompt_n, cache_n) = chat_to(addr, messages, i as i64);
+            if turn == 0 {
+                assert!(prompt_n > 1500, "slot {i}: the document, {prompt_n} tokens");
+            } else {
+                assert!(
+                    cache_n + MAX_TOKENS >= history[i] && prompt_n <= TURN_MAX,
+                    "slot {i} turn {turn}: {prompt_n} prefilled, {cache_n} cached of {}\n{}",
+                    history[i],
+                    server.tail()
+                );
+            }
+            history[i] = prompt_n + cache_n;
+            let cells = slots(addr);
+            assert!(
+                cells.iter().all(|&(c, _)| c as u64 <= BUDGET + PAD + MAX_TOKENS),
+                "slot {i} turn {turn}: cells {cells:?}"
+            );
+            messages.push(json!({"role": "assistant", "content": answer}));
+            messages.push(user(QUESTIONS[(i + turn + 1) % QUESTIONS.len()]));
+        }
+    }
+    let end = slots(addr);
+    assert!(
+        end.iter().all(|&(_, n)| 2 * n > CACHE),
+        "every history longer than half the cache: {end:?}"
+    );
+    let cells: i64 = end.iter().map(|&(c, _)| c).sum();
+    eprintln!("4 slots: cells {cells} in all, per slot (cells, history tokens) {end:?}");
 }
