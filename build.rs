@@ -11,7 +11,7 @@ fn main() {
 }
 
 /// `--features llama`: the patched llama.cpp in vendor/llama.cpp, built as static libraries (CPU only) for
-/// the integration tests (tests/llama_api.rs), and bindgen's bindings of its `llama.h`.
+/// the integration tests (tests/llama_api/), and bindgen's bindings of its `llama.h`.
 ///
 /// libllama.a is built with `LLAMA_COMPRESSKV=ON` but without this crate's static library (it does not exist
 /// yet while this crate is being built): `LLAMA_COMPRESSKV_LIB` names an empty archive, which a static

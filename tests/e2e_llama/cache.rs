@@ -194,7 +194,7 @@ fn bad_runtime_input_falls_back_to_the_full_cache() {
 /// the two attention sums identical up to f32 rounding. With the Q4_1 weights the q8 activations turn that
 /// rounding into logit moves of ~0.4 and the fill form's 9th token flips at a near-tie ("is eat" vs "is to
 /// eat"); with CPU flash attention the blocked online softmax rounds differently for the two layouts.
-/// tests/llama_api.rs compares the logits themselves.
+/// tests/llama_api/ compares the logits themselves.
 fn masked_equivalence(method: &str, form: &str) {
     let base = [
         "-fa",

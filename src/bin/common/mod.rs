@@ -1,5 +1,5 @@
 //! Safe wrappers of the patched llama.cpp's `llama.h` for the two tools in `src/bin/` (`--features llama`):
-//! the bindgen bindings that build.rs writes (the same ones tests/llama_api.rs includes), a few ggml
+//! the bindgen bindings that build.rs writes (the same ones tests/llama_api/ includes), a few ggml
 //! functions the tools need beside them, and RAII types for the backend, a model, a context and a batch.
 //!
 //! Each tool includes this directory with `#[path]` (it is no module of the library: the library's

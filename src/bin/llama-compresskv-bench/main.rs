@@ -13,7 +13,7 @@
 //! The JSON document (-o) is rewritten after every row, so an interrupted run keeps the rows done, and a run of
 //! the same configuration on the same -o resumes: it keeps those rows and runs the others.
 //!
-//! --check instead runs the compaction check of tests/llama_api.rs on whatever backend holds the cache (the
+//! --check instead runs the compaction check of tests/llama_api/ on whatever backend holds the cache (the
 //! gather graph on a GPU): see check.rs. --paths compares the device paths (scoring and compaction graphs) with
 //! the host paths in the run's cache types: see paths.rs.
 //!

@@ -9,6 +9,9 @@
 //! - an invalid sequence id and a negative budget: return -1 and leave the cache as it was (same positions,
 //!   same greedy tokens as without the call).
 //!
+//! - `conversation.rs`: a 21-turn conversation through `llama-server --compresskv` gives the same tokens and
+//!   log-probabilities as the same cache state continued here through `llama.h`.
+//!
 //! One model load is shared; each test decodes the prompt in a context of its own (four prefills of ~3K
 //! tokens in all, with the reference), and the tests take turns on the model (2 threads each). A missing
 //! model or data set is a failure with the command that provides it.
@@ -18,7 +21,9 @@
 // llama.cpp static libraries its build script declares.
 extern crate compresskv;
 
+#[path = "../common/mod.rs"]
 mod common;
+mod conversation;
 use common::{needle_text, script_output, smollm2_f32};
 
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -252,7 +257,18 @@ impl Ctx {
         extra: &str,
         probe: &[sys::llama_token],
     ) -> i32 {
-        let opts = CString::new(format!("preset=paper;budget={budget};{extra}")).unwrap();
+        self.compress_options(seq_id, tokens, &format!("preset=paper;budget={budget};{extra}"), probe)
+    }
+
+    /// `llama_kv_compress` with the options string as given.
+    fn compress_options(
+        &self,
+        seq_id: sys::llama_seq_id,
+        tokens: &[sys::llama_token],
+        options: &str,
+        probe: &[sys::llama_token],
+    ) -> i32 {
+        let opts = CString::new(options).unwrap();
         unsafe {
             sys::llama_kv_compress(
                 self.ctx,
@@ -535,18 +551,7 @@ fn options_are_checked_and_defaulted_by_the_library_through_llama_h() {
     let (_turn, model) = model();
     let toks = prompt_tokens(model);
     let ctx = prefilled(model);
-    let bad = CString::new("budget=-5").unwrap();
-    let rc = unsafe {
-        sys::llama_kv_compress(
-            ctx.ctx,
-            0,
-            toks.as_ptr(),
-            toks.len() as i32,
-            std::ptr::null(),
-            0,
-            bad.as_ptr(),
-        )
-    };
+    let rc = ctx.compress_options(0, toks, "budget=-5", &[]);
     assert_eq!(rc, -1);
     assert_eq!(ctx.pos_range(), (0, toks.len() as i32 - 1));
 }
