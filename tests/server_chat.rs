@@ -135,6 +135,14 @@ fn slots(addr: SocketAddr) -> Vec<(i64, u64)> {
         .collect()
 }
 
+/// The compressions of slot 0 since it last prefilled from scratch (`/slots` `n_compressions`).
+fn compressions(addr: SocketAddr) -> u64 {
+    let (status, body) = http(addr, "GET", "/slots", "", Duration::from_secs(30)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v[0]["n_compressions"].as_u64().unwrap()
+}
+
 fn slot_action(addr: SocketAddr, action: &str, body: Value) {
     let (status, reply) = http(
         addr,
@@ -221,6 +229,11 @@ fn conversation_reuses_the_compressed_history_and_stays_flat() {
     for s in &lines {
         assert!(s["cells_after"].as_u64().unwrap() <= BUDGET + PAD, "{s}");
     }
+    assert_eq!(
+        compressions(addr),
+        lines.len() as u64,
+        "/slots counts the slot's compressions"
+    );
     assert!(server.log_has(0, "prefilled from there"), "{}", server.tail());
 
     // the last question asked again differently: prefilled from where it diverges, in the uncompressed tail
@@ -288,6 +301,7 @@ fn conversation_reuses_the_compressed_history_and_stays_flat() {
         cache_n, 0,
         "an edit in the compressed document is prefilled from scratch ({prompt_n} tokens)"
     );
+    assert_eq!(compressions(addr), 1, "prefilled from scratch, then compressed once");
     // (upstream's own check may get there first: when every position below the divergence was evicted by the
     // recompressions, the slot's lowest position is past it and the prompt is reset to 0)
     assert!(server.log_has(from, "prefilled from scratch"), "{}", server.tail());
