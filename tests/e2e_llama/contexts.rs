@@ -351,55 +351,49 @@ impl Drop for RpcServers {
 /// compacted by graphs on the server that holds it, and the cache never comes to the client
 /// (`"scores": "caller"`, `"compact": "graph"`, no host copy in the log); the scores match the library's on a
 /// host copy (`LLAMA_COMPRESSKV_SCORE=check`) and the moved cells hash the same as the host-copy path's, with
-/// the same answer, which retrieves the needle.
+/// the same answer, which retrieves the needle, with V rows (flash attention) and transposed V.
 #[test]
 fn rpc_servers_score_and_compact_where_the_cache_is() {
     let prompt = needle_prompt(6000, 0.5);
-    let mut out = Vec::new();
-    for (tag, score, compact) in [("rpc-graph", "check", ""), ("rpc-host", "host", "host")] {
-        // fresh servers per run: a server keeps no state between clients, and a crash shows in its own run
-        let servers = RpcServers::start();
-        let args = [
-            "-n",
-            "16",
-            "--rpc",
-            &servers.1,
-            "-ngl",
-            "99",
-            "--compresskv",
-            "--compresskv-budget",
-            "128",
-        ];
-        let r = run_env(
-            &prompt,
-            &args,
-            tag,
-            &[
+    // flash attention on (V rows) and off (transposed V, copied channel by channel on the host-copy path)
+    for fa in ["on", "off"] {
+        let mut out = Vec::new();
+        for (tag, score, compact) in [("rpc-graph", "check", ""), ("rpc-host", "host", "host")] {
+            // fresh servers per run: a server keeps no state between clients, and a crash shows in its own run
+            let servers = RpcServers::start();
+            #[rustfmt::skip]
+            let args = [
+                "-n", "16", "--rpc", &servers.1, "-ngl", "99", "-fa", fa,
+                "--compresskv", "--compresskv-budget", "128",
+            ];
+            let env = [
                 ("LLAMA_COMPRESSKV_SCORE", score),
                 ("LLAMA_COMPRESSKV_COMPACT", compact),
                 ("LLAMA_COMPRESSKV_CHECKSUM", "1"),
-            ],
+            ];
+            let r = run_env(&prompt, &args, &format!("{tag}-fa-{fa}"), &env);
+            drop(servers);
+            assert!(r.ok, "{tag} -fa {fa}: {}", r.log);
+            assert_eq!(r.stats.len(), 1, "{tag} -fa {fa}: {}", r.log);
+            out.push((r.stats[0].clone(), r.answer, r.log));
+        }
+        let (graph, host) = (&out[0], &out[1]);
+        assert_eq!(graph.0["scores"], "caller", "{}", graph.2);
+        assert_eq!(graph.0["compact"], "graph", "{}", graph.2);
+        assert!(!graph.2.contains("copy of the cache in host memory"), "{}", graph.2);
+        let c = &graph.0["score_check"];
+        assert!(c["max_abs_diff"].as_f64().unwrap_or(f64::INFINITY) <= 1e-4, "{c}");
+        assert_eq!(c["same_cells"], true, "{c}");
+        // the reference: the library scores and compacts a host copy of the cache
+        assert_eq!(host.0["scores"], "library");
+        assert_eq!(host.0["compact"], "host-copy", "{}", host.2);
+        assert_eq!(host.0["v_trans"], fa == "off", "{}", host.0);
+        assert!(graph.0["kv_checksum"].is_string());
+        assert_eq!(
+            graph.0["kv_checksum"], host.0["kv_checksum"],
+            "-fa {fa}: the same cells in the same places"
         );
-        drop(servers);
-        assert!(r.ok, "{tag}: {}", r.log);
-        assert_eq!(r.stats.len(), 1, "{tag}: {}", r.log);
-        out.push((r.stats[0].clone(), r.answer, r.log));
+        assert_eq!(graph.1, host.1, "-fa {fa}: the same answer");
+        assert!(graph.1.to_lowercase().contains("sandwich"), "{:?}", graph.1);
     }
-    let (graph, host) = (&out[0], &out[1]);
-    assert_eq!(graph.0["scores"], "caller", "{}", graph.2);
-    assert_eq!(graph.0["compact"], "graph", "{}", graph.2);
-    assert!(!graph.2.contains("copy of the cache in host memory"), "{}", graph.2);
-    let c = &graph.0["score_check"];
-    assert!(c["max_abs_diff"].as_f64().unwrap_or(f64::INFINITY) <= 1e-4, "{c}");
-    assert_eq!(c["same_cells"], true, "{c}");
-    // the reference: the library scores and compacts a host copy of the cache
-    assert_eq!(host.0["scores"], "library");
-    assert_eq!(host.0["compact"], "host-copy", "{}", host.2);
-    assert!(graph.0["kv_checksum"].is_string());
-    assert_eq!(
-        graph.0["kv_checksum"], host.0["kv_checksum"],
-        "the same cells in the same places"
-    );
-    assert_eq!(graph.1, host.1, "the same answer");
-    assert!(graph.1.to_lowercase().contains("sandwich"), "{:?}", graph.1);
 }
