@@ -118,13 +118,16 @@ fn slot(addr: SocketAddr) -> (i64, u64) {
     slots(addr)[0]
 }
 
-/// Each slot's KV cells and the tokens of its history (0 before its first task).
-fn slots(addr: SocketAddr) -> Vec<(i64, u64)> {
+/// `/slots`: one JSON object per slot.
+fn slots_json(addr: SocketAddr) -> Vec<Value> {
     let (status, body) = http(addr, "GET", "/slots", "", Duration::from_secs(30)).unwrap();
     assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    v.as_array()
-        .unwrap()
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Each slot's KV cells and the tokens of its history (0 before its first task).
+fn slots(addr: SocketAddr) -> Vec<(i64, u64)> {
+    slots_json(addr)
         .iter()
         .map(|s| {
             (
@@ -137,10 +140,7 @@ fn slots(addr: SocketAddr) -> Vec<(i64, u64)> {
 
 /// The compressions of slot 0 since it last prefilled from scratch (`/slots` `n_compressions`).
 fn compressions(addr: SocketAddr) -> u64 {
-    let (status, body) = http(addr, "GET", "/slots", "", Duration::from_secs(30)).unwrap();
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    v[0]["n_compressions"].as_u64().unwrap()
+    slots_json(addr)[0]["n_compressions"].as_u64().unwrap()
 }
 
 fn slot_action(addr: SocketAddr, action: &str, body: Value) {

@@ -239,9 +239,12 @@ pub unsafe extern "C" fn ckv_request_plan_scored(
         }?;
         let profile = pre.profile.as_deref().map(|p| &p.profile);
         let mut max_diff = 0f64;
+        // with keys: the library's own scores of each layer, for the check (computed once, next to the caller's)
+        let mut own: Vec<Option<Vec<Vec<f32>>>> = vec![None; inp.layers.len()];
         let mut scorer = |l: usize, hs: &[usize], win: std::ops::Range<usize>| -> Result<Vec<Vec<f32>>> {
             let heads: Vec<i32> = hs.iter().map(|&x| x as i32).collect();
-            let mut out = vec![0f32; hs.len() * win.start];
+            let ws = win.start;
+            let mut out = vec![0f32; hs.len() * ws];
             // SAFETY: the caller guarantees `f` writes `n_heads * ws` floats to `out` (allocated so), reads `we`
             // cells (`pre.cells` holds `n >= we`) and `n_heads` heads.
             let rc = unsafe {
@@ -249,7 +252,7 @@ pub unsafe extern "C" fn ckv_request_plan_scored(
                     user,
                     l as i32,
                     pre.cells.as_ptr(),
-                    win.start as i32,
+                    ws as i32,
                     win.end as i32,
                     heads.as_ptr(),
                     hs.len() as i32,
@@ -261,17 +264,14 @@ pub unsafe extern "C" fn ckv_request_plan_scored(
                     "the scorer failed for layer {l} (status {rc})"
                 )));
             }
-            let s: Vec<Vec<f32>> = out
-                .chunks(win.start.max(1))
-                .take(hs.len())
-                .map(<[f32]>::to_vec)
-                .collect();
+            let s: Vec<Vec<f32>> = (0..hs.len()).map(|j| out[j * ws..(j + 1) * ws].to_vec()).collect();
             if let Some(li) = inp.layers.get(l) {
-                let own = head_scores(&li.keys, &inp.cells, inp.shape.heads, li.queries, win, hs)?;
-                for (a, b) in s.iter().flatten().zip(own.iter().flatten()) {
+                let mine = head_scores(&li.keys, &inp.cells, inp.shape.heads, li.queries, win, hs)?;
+                for (a, b) in s.iter().flatten().zip(mine.iter().flatten()) {
                     let d = (a - b).abs() as f64;
                     max_diff = if d.is_nan() { f64::INFINITY } else { max_diff.max(d) };
                 }
+                own[l] = Some(mine);
             }
             Ok(s)
         };
@@ -284,8 +284,20 @@ pub unsafe extern "C" fn ckv_request_plan_scored(
         )?;
         h.score_check = None;
         if !inp.layers.is_empty() {
-            let own = plan::build(&inp.params, inp.shape, profile, &inp.cells, &inp.layers)?;
-            let same = own.layers.iter().zip(&plan.layers).all(|(a, b)| a.groups == b.groups);
+            // the plan the library's own scores make: the same heads are asked of the same layers, so replay them
+            let mut replay = |l: usize, _: &[usize], _: std::ops::Range<usize>| {
+                own[l]
+                    .take()
+                    .ok_or_else(|| Error::InvalidArg(format!("layer {l} was not scored")))
+            };
+            let mine = plan::build_from(
+                &inp.params,
+                inp.shape,
+                profile,
+                &inp.cells,
+                Source::External(&mut replay),
+            )?;
+            let same = mine.layers.iter().zip(&plan.layers).all(|(a, b)| a.groups == b.groups);
             h.score_check = Some((max_diff, same));
         }
         h.finish_plan(plan, pre)

@@ -9,22 +9,8 @@ use super::*;
 #[test]
 fn gemma3_iswa_compresses_the_full_attention_layers() {
     let gemma = script_output("scripts/fetch-model.sh", &["gemma3"]);
-    let out = Command::new("python3")
-        .arg(root().join("bench/needle.py"))
-        .args([
-            "--essays",
-            essays().to_str().unwrap(),
-            "--chars",
-            "8000",
-            "--depth",
-            "0.5",
-        ])
-        .args(["--template", "none"])
-        .output()
-        .expect("python3 bench/needle.py");
-    assert!(out.status.success());
     let prompt = tmpdir().join("needle-gemma3.txt");
-    let mut text = String::from_utf8(out.stdout).unwrap();
+    let mut text = plain_needle_text(8000);
     text.push_str("Answer: The best thing to do in San Francisco is");
     std::fs::write(&prompt, text).unwrap();
 
@@ -301,12 +287,7 @@ struct RpcServers(Vec<std::process::Child>, String);
 impl RpcServers {
     /// Start two servers on free ports (each bound and released first, then retried a few times).
     fn start() -> RpcServers {
-        let bin = bin_dir().join("ggml-rpc-server");
-        assert!(
-            bin.exists(),
-            "{} is missing: run scripts/build-llama.sh (scripts/test.sh does)",
-            bin.display()
-        );
+        let bin = tool("ggml-rpc-server");
         let mut children = Vec::new();
         let mut endpoints = Vec::new();
         while children.len() < 2 {

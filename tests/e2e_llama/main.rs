@@ -22,14 +22,19 @@ use std::sync::OnceLock;
 mod common;
 use common::{bin_dir, http, needle_text, root, script_output, smollm2_f32, tmpdir};
 
-fn completion_bin() -> PathBuf {
-    let bin = bin_dir().join("llama-completion");
+/// A patched tool of `vendor/build/bin` (or $COMPRESSKV_LLAMA_BIN); missing, a failure naming the build.
+fn tool(name: &str) -> PathBuf {
+    let bin = bin_dir().join(name);
     assert!(
         bin.exists(),
-        "{} is missing: run scripts/build-llama.sh (scripts/test.sh does)",
+        "{} is missing: run scripts/build-llama.sh --targets {name} (scripts/test.sh does)",
         bin.display()
     );
     bin
+}
+
+fn completion_bin() -> PathBuf {
+    tool("llama-completion")
 }
 
 fn model() -> &'static Path {
@@ -55,6 +60,21 @@ fn needle_prompt(chars: usize, depth: f64) -> PathBuf {
     ]);
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// The needle prompt without a chat template (the question at the end, no assistant header), `chars` of essays.
+fn plain_needle_text(chars: usize) -> String {
+    let chars = chars.to_string();
+    needle_text(&[
+        "--essays",
+        essays().to_str().unwrap(),
+        "--chars",
+        &chars,
+        "--depth",
+        "0.5",
+        "--template",
+        "none",
+    ])
 }
 
 struct Run {

@@ -3,13 +3,7 @@
 use super::*;
 
 fn calibrate_bin() -> PathBuf {
-    let bin = bin_dir().join("llama-compresskv-calibrate");
-    assert!(
-        bin.exists(),
-        "{} is missing: run scripts/build-llama.sh --targets llama-compresskv-calibrate (scripts/test.sh does)",
-        bin.display()
-    );
-    bin
+    tool("llama-compresskv-calibrate")
 }
 
 /// The calibration tool on a tiny grid (three ~500-token needle probes, one held-out QA sample): it writes a
@@ -256,28 +250,9 @@ fn server_compresses_the_prompt_and_reuses_it() {
 /// conversation again) and the sequence is compressed back to the budget, so the memory stays flat.
 #[test]
 fn cli_conversation_appends_turns_to_the_compressed_cache() {
-    let bin = bin_dir().join("llama-cli");
-    assert!(
-        bin.exists(),
-        "{} is missing: run scripts/build-llama.sh (scripts/test.sh does)",
-        bin.display()
-    );
-    let out = Command::new("python3")
-        .arg(root().join("bench/needle.py"))
-        .args([
-            "--essays",
-            essays().to_str().unwrap(),
-            "--chars",
-            "8000",
-            "--depth",
-            "0.5",
-        ])
-        .args(["--template", "none"])
-        .output()
-        .expect("python3 bench/needle.py");
-    assert!(out.status.success());
+    let bin = tool("llama-cli");
     let doc = tmpdir().join("cli-document.txt");
-    std::fs::write(&doc, &out.stdout).unwrap();
+    std::fs::write(&doc, plain_needle_text(8000)).unwrap();
     let stats = tmpdir().join("stats-cli.jsonl");
     let _ = std::fs::remove_file(&stats);
     let questions = "Who wrote the essay?\nWhat is the best thing to do in San Francisco?\nSay that again.\n";
