@@ -277,6 +277,10 @@ typedef struct ckv_request_info {
     int32_t      text_len;
     const char * note;         /* a line for the log (NULL: none), valid until the next call on the request */
     int32_t      note_warn;    /* 1: the note is a warning */
+    int32_t      recon_chunk;  /* reconstruction scoring: the caller decodes the probe followed by the sequence's
+                                  own tokens, recon_chunk at a time, after the sequence with query capture, and
+                                  adds each pass's window scores (ckv_score_fn, all query heads) to the scores of
+                                  the plan (0: none) */
 } ckv_request_info;
 
 /* What the caller measured, for the stats line. */

@@ -102,7 +102,13 @@ pub struct Options {
     /// A prompt longer than the context (llama-completion): what scores the passes that make room
     /// (`recent`: the latest tokens; `question`: the prompt's question, decoded ahead; `probe`: the probe text).
     pub overflow: &'static str,
+    /// Reconstruction scoring (query-agnostic): the probe is an instruction to repeat the context, and the
+    /// sequence's own tokens are decoded after it chunk by chunk; every chunk's queries score the cells.
+    pub reconstruct: bool,
 }
+
+/// The probe that asks the model to repeat its context (reconstruction scoring), when the caller gave none.
+pub const RECONSTRUCT_PROMPT: &str = "\n\nRepeat the text above exactly:\n";
 
 impl Default for Options {
     fn default() -> Self {
@@ -123,6 +129,7 @@ impl Default for Options {
             profile: None,
             stats: None,
             overflow: "question",
+            reconstruct: false,
         }
     }
 }
@@ -146,6 +153,7 @@ pub const KEYS: &[&str] = &[
     "profile",
     "stats",
     "overflow",
+    "reconstruct",
 ];
 
 impl Method {
@@ -262,6 +270,7 @@ impl Options {
             "profile" => self.profile = Some(value.to_string()).filter(|s| !s.is_empty()),
             "stats" => self.stats = Some(value.to_string()).filter(|s| !s.is_empty()),
             "overflow" => self.overflow = one_of(key, value, OVERFLOWS)?,
+            "reconstruct" => self.reconstruct = boolean(key, value)?,
             _ => {
                 return Err(Error::InvalidArg(format!(
                     "unknown option '{key}' (expected one of {})",
@@ -319,6 +328,9 @@ impl Options {
             "profile" => self.profile.clone().unwrap_or_default(),
             "stats" => self.stats.clone().unwrap_or_default(),
             "overflow" => self.overflow.to_string(),
+            "reconstruct" => u8::from(self.reconstruct).to_string(),
+            // read-only: the probe a reconstruction uses when the caller gives none
+            "reconstruct_prompt" => RECONSTRUCT_PROMPT.to_string(),
             _ => {
                 return Err(Error::InvalidArg(format!(
                     "unknown option '{key}' (expected one of {})",
@@ -417,6 +429,10 @@ mod tests {
         }
         assert_eq!(Options::default_text("budget").unwrap(), "256");
         assert_eq!(Options::default_text("chunk").unwrap(), "32");
+        assert_eq!(Options::default_text("reconstruct").unwrap(), "0");
+        assert_eq!(Options::default_text("reconstruct_prompt").unwrap(), RECONSTRUCT_PROMPT);
+        assert!(Options::parse("reconstruct").unwrap().reconstruct);
+        assert!(Options::parse("reconstruct=2").is_err());
     }
 
     #[test]

@@ -74,7 +74,13 @@ pub struct Request {
     pub again: bool,
     /// A line for the log.
     pub note: Option<String>,
+    /// Reconstruction scoring: the sequence's tokens decoded after the probe this many at a time (0: none).
+    pub recon_chunk: usize,
 }
+
+/// Reconstruction scoring holds `n_head x (n + chunk) x chunk` attention probabilities per pass: the chunk
+/// shrinks as the sequence grows so that a pass holds at most this many per head (and at least 32 tokens).
+pub const RECON_PROBS_PER_HEAD: usize = 1 << 20;
 
 fn refuse(msg: impl Into<String>) -> Error {
     Error::InvalidArg(msg.into())
@@ -120,6 +126,7 @@ impl Request {
             anchor: if probe { "probe" } else { "end" },
             again: seq.compressed,
             note: None,
+            recon_chunk: 0,
             opts,
         };
         if r.skip {
@@ -135,6 +142,9 @@ impl Request {
         } else {
             r.place_window(seq)?;
         }
+        if r.opts.reconstruct {
+            r.recon_chunk = r.reconstruct_chunk(seq)?;
+        }
         if r.n_decode > seq.n_ubatch {
             return Err(refuse(format!(
                 "window and suffix ({} tokens) must fit one ubatch ({})",
@@ -142,6 +152,35 @@ impl Request {
             )));
         }
         Ok(r)
+    }
+
+    /// Tokens of the sequence decoded per reconstruction pass: what one ubatch holds after the probe, at most
+    /// the largest chunk with `(n + chunk) * chunk <= RECON_PROBS_PER_HEAD` (at least 32). Refused without a probe (the instruction to repeat
+    /// the context), with a method that does not score, or without the tokens of every cell.
+    fn reconstruct_chunk(&self, seq: &Sequence<'_>) -> Result<usize> {
+        if seq.n_probe == 0 || self.opts.method == Method::StreamingLlm {
+            return Err(refuse(
+                "reconstruction needs a scoring method and a probe (the instruction to repeat the context)",
+            ));
+        }
+        let first = self.p_next as i64 - seq.n_tokens as i64;
+        if (seq.pos[0] as i64) < first {
+            return Err(refuse(format!(
+                "reconstruction needs the tokens of every cell: got the last {} of {} positions",
+                seq.n_tokens, self.p_next
+            )));
+        }
+        let room = seq.n_ubatch.saturating_sub(seq.n_probe);
+        if room == 0 {
+            return Err(refuse(format!(
+                "the probe ({} tokens) leaves no room for the context in one ubatch ({})",
+                seq.n_probe, seq.n_ubatch
+            )));
+        }
+        // the largest c with (n + c) * c <= RECON_PROBS_PER_HEAD
+        let n = self.n as f64;
+        let c = ((n * n + 4.0 * RECON_PROBS_PER_HEAD as f64).sqrt() - n) / 2.0;
+        Ok((c.floor() as usize).clamp(32, 1 << 30).min(room))
     }
 
     /// The window of a sequence scored by its own tokens, and the tokens decoded again.
@@ -404,5 +443,48 @@ mod tests {
         assert!(r.plan_cells(&cells[..100], &cpos[..100]).is_err());
         s.n_probe = 6;
         assert!(Request::new(Options::parse("method=streamingllm").unwrap(), &s).is_err());
+    }
+
+    #[test]
+    fn reconstruction_chunks_fit_one_ubatch_and_bound_the_scores() {
+        let pos: Vec<i32> = (0..4000).collect();
+        let mut s = seq(&pos, None);
+        s.n_probe = 12;
+        let opts = |t: &str| Options::parse(&format!("budget=100;reconstruct=1;{t}")).unwrap();
+        // one ubatch holds the probe and the chunk; (n + chunk) * chunk stays within RECON_PROBS_PER_HEAD
+        let r = Request::new(opts(""), &s).unwrap();
+        assert_eq!((r.recon_chunk, r.n_decode, r.anchor), (246, 12, "probe"));
+        assert!((4000 + r.recon_chunk) * r.recon_chunk <= RECON_PROBS_PER_HEAD);
+        let short: Vec<i32> = (0..300).collect();
+        let mut s2 = seq(&short, None);
+        s2.n_probe = 12;
+        assert_eq!(Request::new(opts(""), &s2).unwrap().recon_chunk, 500);
+        // a huge sequence still gets 32 tokens a pass
+        let long: Vec<i32> = (0..1_000_000).collect();
+        let mut s3 = seq(&long, None);
+        s3.n_probe = 12;
+        assert_eq!(Request::new(opts(""), &s3).unwrap().recon_chunk, 32);
+        assert_eq!(
+            Request::new(Options::parse("budget=100").unwrap(), &s)
+                .unwrap()
+                .recon_chunk,
+            0
+        );
+        // refusals: no probe, a method that does not score, missing tokens, no room after the probe
+        for (t, n_probe, n_tokens, n_ubatch, why) in [
+            ("", 0, 4000, 512, "probe"),
+            ("method=streamingllm", 12, 4000, 512, "scoring method"),
+            ("", 12, 3999, 512, "tokens of every cell"),
+            ("", 512, 4000, 512, "no room"),
+        ] {
+            let sq = Sequence {
+                n_probe,
+                n_tokens,
+                n_ubatch,
+                ..seq(&pos, None)
+            };
+            let e = Request::new(opts(t), &sq).unwrap_err().to_string();
+            assert!(e.contains(why), "{t} {n_probe} {n_tokens}: {e}");
+        }
     }
 }

@@ -73,6 +73,8 @@ pub struct ckv_request_info {
     pub note: *const c_char,
     /// 1: the note is a warning.
     pub note_warn: i32,
+    /// Reconstruction: tokens of the sequence decoded after the probe per pass (0: none).
+    pub recon_chunk: i32,
 }
 
 /// Mirror of `ckv_request_facts`.
@@ -256,6 +258,7 @@ pub unsafe extern "C" fn ckv_request_info_get(req: *mut ckv_request, info: *mut 
                 h.note.as_ptr()
             },
             note_warn: h.note_warn as i32,
+            recon_chunk: r.recon_chunk as i32,
         };
         // SAFETY: checked non-null and aligned; the caller provides a whole struct.
         unsafe { put(info, i) };
@@ -431,6 +434,7 @@ pub unsafe extern "C" fn ckv_request_finish(
             "window": window, "layers": layers, "ms_redecode": f.ms_redecode, "ms_score": plan.plan().ms_score,
             "ms_compact": f.ms_compact, "ms_total": f.ms_total, "plan": plan_json,
             "scores": if plan.plan().external_scores { "caller" } else { "library" },
+            "reconstruct": (r.recon_chunk > 0).then(|| json!({"chunk": r.recon_chunk, "passes": r.n.div_ceil(r.recon_chunk)})),
             "score_check": h.score_check.map(|(d, same)| json!({"max_abs_diff": d, "same_cells": same})),
         })
         .to_string();
