@@ -61,6 +61,9 @@ METHODS = {
     # our defaults with another span length (--compresskv-chunk, default 32; 0 = single tokens)
     "compresskv-k16": ["--compresskv", "--compresskv-chunk", "16"],
     "compresskv-k0": ["--compresskv", "--compresskv-chunk", "0"],
+    # one token set per KV head (KVzip's head-wise eviction)
+    "snapkv-per-head": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "snapkv",
+                        "--compresskv-per-head"],
 }
 
 

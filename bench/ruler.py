@@ -585,6 +585,7 @@ GENERIC_PROBE = "\nWhat are the important facts, names and numbers in the text a
 AGNOSTIC = {
     "end": lambda probe: ["--compresskv-window-anchor", "end"],
     "probe": lambda probe: ["--compresskv-window-anchor", "end", "--compresskv-probe", probe],
+    "recon": lambda probe: ["--compresskv-window-anchor", "end", "--compresskv-reconstruct"],
 }
 
 
@@ -669,7 +670,8 @@ def main():
     ap.add_argument("--lengths", default="4096", help="RULER lengths: prompt tokens + tokens to generate")
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--methods", default="full,streamingllm,snapkv,pyramidkv,compresskv")
-    ap.add_argument("--budgets", default="128,512")
+    ap.add_argument("--budgets", default="128,512",
+                    help="cells kept per layer, or (with a decimal point) the fraction of the context removed")
     ap.add_argument("--share-prefix", dest="share", action="store_true", default=None,
                     help="prefill each context once and share it through --prompt-cache (default, not in --smoke)")
     ap.add_argument("--no-share-prefix", dest="share", action="store_false")
@@ -687,8 +689,10 @@ def main():
     ap.add_argument("--agnostic-windows", default="end,probe",
                     help="with --placement agnostic: what scores the context, each a method variant: end = its own "
                          "last tokens (--compresskv-window-anchor end), probe = a fixed instruction decoded after it "
-                         "for scoring only (--compresskv-probe, --probe-text)")
+                         "for scoring only (--compresskv-probe, --probe-text), recon = the model reads the context "
+                         "again after an instruction to repeat it (--compresskv-reconstruct)")
     ap.add_argument("--probe-text", default=GENERIC_PROBE)
+    ap.add_argument("--only", help="run only these of the method (x window) variants, e.g. full,compresskv/probe")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.bounded_ctx:
@@ -728,7 +732,14 @@ def main():
                 variants[m] = f + AGNOSTIC["end"](args.probe_text)
             else:
                 variants.update({f"{m}/{w}": f + AGNOSTIC[w](args.probe_text) for w in windows})
-    budgets = [int(b) for b in args.budgets.split(",")]
+    if args.only:
+        keep = args.only.split(",")
+        unknown = [k for k in keep if k not in variants]
+        if unknown:
+            sys.exit(f"ruler.py: --only {','.join(unknown)}: not among {', '.join(variants)}")
+        variants = {k: v for k, v in variants.items() if k in keep}
+    # a budget with a decimal point is the fraction of the context removed (kvpress's compression ratio)
+    budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
     model = harness.sh(os.path.join(ROOT, "scripts/fetch-model.sh"), args.model)
     ruler_dir = harness.sh(os.path.join(ROOT, "scripts/fetch-data.sh"), "ruler")
@@ -795,7 +806,8 @@ def main():
             flags = variants[method]
             run_ctx = ctx
             if flags is not None:
-                flags = flags + ["--compresskv-budget", str(budget)]
+                flags = flags + (["--compresskv-ratio", f"{1 - budget:g}"] if isinstance(budget, float)
+                                 else ["--compresskv-budget", str(budget)])
                 if args.bounded_ctx:
                     flags += ["--compresskv-overflow-window", args.overflow_window]
                     run_ctx = args.bounded_ctx
