@@ -166,7 +166,7 @@ def ruler_table(d):
         if d.get("placement") == "agnostic":
             share += (f"; **query-agnostic**: each context compressed before its question arrives (`/end`: scored by "
                       f"its own last tokens, `/probe`: by the fixed instruction {d.get('probe_text')!r}, decoded for "
-                      f"scoring only, `/recon`: by reconstruction, --compresskv-reconstruct), saved with --prompt-cache and loaded by a run without --compresskv that "
+                      f"scoring only{', `/recon`: by reconstruction, --compresskv-reconstruct' if any(m.endswith('/recon') for m in d['methods']) else ''}), saved with --prompt-cache and loaded by a run without --compresskv that "
                       f"decodes the question and answers")
         out += [f"RULER {length} ({d['model']}): score (0-1) per task, {min(n.values())}-{max(n.values())} samples per "
                 f"task, prompts of {sizes[0]}-{sizes[-1]} tokens{done}{share}; `{d['command']}`:", "",
