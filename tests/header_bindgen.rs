@@ -345,7 +345,8 @@ fn header_matches_rust_exports() {
             text_index,
             text_len,
             note,
-            note_warn
+            note_warn,
+            recon_chunk
         }),
         mirror!(ckv_request_facts {
             size,
