@@ -36,6 +36,10 @@ mod llama {
         // runs for another reason (cmake's own dependency tracking), or by touching the stamp.
         println!("cargo:rerun-if-changed={}", stamp.display());
         println!("cargo:rerun-if-changed={}", header.display());
+        // the library's ggml side, compiled into libllama (patches/0001)
+        for f in ["src/ggml/compresskv-ggml.cpp", "include/compresskv-ggml.h"] {
+            println!("cargo:rerun-if-changed={}", root.join(f).display());
+        }
         if !stamp.exists() || !src.join("include/llama.h").exists() {
             panic!(
                 "--features llama needs the patched llama.cpp in {}: run vendor/fetch.sh (scripts/setup.sh \

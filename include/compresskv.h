@@ -307,6 +307,35 @@ ckv_status ckv_options_check(const char * options);
 /* The value option `key` takes in `options` (NULL: its default) as text into buf ("" for an unset path). */
 ckv_status ckv_option_get(const char * options, const char * key, char * buf, size_t buf_size);
 
+/* One of the --compresskv-* flags of llama.cpp's tools, from the library's table (the options they set, their
+ * help with the option's default). The strings live as long as the process. */
+typedef struct ckv_flag {
+    const char * name;            /* e.g. "--compresskv-budget"                                        */
+    const char * key;             /* the option it sets; "" for --compresskv, which enables compression */
+    const char * hint;            /* the value's placeholder ("N"); "" for a switch (sets the option to 1) */
+    const char * help;
+    int32_t      completion_only; /* 1: offered by llama-completion only                               */
+} ckv_flag;
+
+/* Flag i of the table, 0 <= i; CKV_ERR_INVALID_ARG past the last one (nothing written). */
+ckv_status ckv_flag_get(int32_t i, ckv_flag * out);
+
+/* Bounded-memory prefill: how a caller decodes a prompt of n_prompt tokens longer than the n_cells cells of its
+ * context, compressing whenever the next chunk would overflow it (option overflow: what scores those passes).
+ * eog: [n_prompt] 1 where a prompt token ends a turn (NULL: none); n_batch: the largest chunk; n_probe_text:
+ * tokens of the caller's probe text (0: none). Refused (the reason names the flag) without a budget in cells,
+ * the fill form and one token set per layer, or when the budget leaves no room for a chunk. */
+typedef struct ckv_overflow {
+    int32_t n_batch;     /* prompt tokens per chunk                                                           */
+    int32_t n_keep;      /* cells a pass that makes room keeps                                                */
+    int32_t probe_start; /* the prompt tokens [probe_start, probe_end) score those passes (its question,      */
+    int32_t probe_end;   /*   decoded ahead and removed again); both -1: the probe text; equal: latest tokens */
+    int32_t no_question; /* 1: overflow=question found no end-of-turn token near the end: the latest tokens  */
+} ckv_overflow;
+
+ckv_status ckv_overflow_plan(const char * options, const uint8_t * eog, int32_t n_prompt, int32_t n_cells,
+                             int32_t n_batch, int32_t n_probe_text, ckv_overflow * out);
+
 /* Decide a compression before anything changes: refusals, the budget, the window and the tokens to decode
  * again (ckv_request_info_get). Free with ckv_request_free. */
 ckv_status ckv_request_new(const char * options, const ckv_seq_desc * seq, ckv_request ** out);

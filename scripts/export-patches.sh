@@ -22,7 +22,9 @@ Subject: [PATCH 1/4] build: LLAMA_COMPRESSKV option
 
 Add the LLAMA_COMPRESSKV option (OFF by default) and the paths of the compresskv library
 (LLAMA_COMPRESSKV_DIR holds include/compresskv.h, LLAMA_COMPRESSKV_LIB is libcompresskv.a). With the
-option on, libllama links the library and defines LLAMA_COMPRESSKV; with it off the llama.h functions of
+option on, libllama links the library, compiles its ggml side (src/ggml/compresskv-ggml.cpp of the
+compresskv root: host views of the cache's tensors, the scoring and compaction graphs, public ggml API
+only, so that they need not live in llama.cpp) and defines LLAMA_COMPRESSKV; with it off the llama.h functions of
 src/llama-compresskv.cpp report that compression is not built in (the cache's side of the feature, inert
 until a sequence is compressed, is compiled either way).
 MSG
@@ -34,33 +36,35 @@ What must live inside llama.cpp to compress a sequence's KV cache right after it
 - llama.h: llama_kv_compress() and helpers, without #ifdef (without the option they report that
   compression is not built in); options are a "key=value;" string the compresskv library parses;
 - query capture in build_attn (the queries as attention sees them, post-RoPE and rotated like K);
-- for caches off the host (GPU, RPC), each layer's window attention scores computed by a small graph on the
-  backend that holds that layer, so only the scores come to the host and the library plans from them;
-- moving the kept cells to the lowest cells of the sequence (in place on host buffers through the library,
-  by a gather graph on the backend of each layer's device buffer) and rewriting the cell metadata;
+- the cache's layers handed to the library's ggml side (compresskv-ggml.cpp), which scores caches off the
+  host (GPU, RPC) by a small graph on the backend of each layer, so only the scores come to the host, and
+  moves the kept cells (in place on host buffers, by a gather graph on a device buffer);
+- rewriting the cell metadata of the moved cells;
 - a per-layer mask bias for the exact and mask forms;
 - refusing position edits inside a compressed prompt, and marking compressed sequences in saved states
   (a block whose magic takes the place of n_stream, so that a build without it refuses them cleanly).
 Only the code that calls the library is behind #ifdef LLAMA_COMPRESSKV; the rest is inert until a sequence
-is compressed. The policy (window placement, budgets, method parameters, profiles, per-layer masks, stats)
-is the library's: each step asks it through ckv_request_* before touching the cache, and any refusal leaves
+is compressed. The policy (window placement, budgets, method parameters, profiles, per-layer masks, stats, the
+bounded-prefill plan, the flag table) is the library's: each step asks it through ckv_request_* before touching the cache, and any refusal leaves
 the cache as it was.
 MSG
     ;;
     0003-*) cat <<'MSG'
 Subject: [PATCH 3/4] common: --compresskv flags
 
-The --compresskv-* flags of llama-completion, llama-cli and llama-server. Each flag appends key=value to
-one options string, validated at parse time by the library (the error names the flag, also when
-compression is not built in); --help shows the library's defaults. common_compresskv() compresses after prefill, common_compresskv_fit() before the cache
-would overflow (bounded-memory prefill).
+The --compresskv-* flags of llama-completion, llama-cli and llama-server, registered from the library's
+table (llama_kv_compress_flag: name, option, help with its default). Each flag appends key=value to one
+options string, validated at parse time by the library (the error names the flag; without the option only
+--compresskv exists and says that compression is not built in). common_compresskv() compresses after
+prefill, common_compresskv_fit() before the cache would overflow (bounded-memory prefill).
 MSG
     ;;
     0004-*) cat <<'MSG'
 Subject: [PATCH 4/4] tools: compress after prefill in completion and server
 
 Call common_compresskv() where the prompt is done: llama-completion after the last prompt batch (and
-bounded-memory prefill of prompts longer than the context, compressed sessions), llama-server (and
+bounded-memory prefill of prompts longer than the context as the library plans it with
+llama_kv_compress_overflow, compressed sessions), llama-server (and
 llama-cli, which runs on it) where a slot moves from prompt processing to generation; the library skips a
 sequence at most --compresskv-trigger cells long, so a conversation is compressed again only past it. A slot
 reuses its compressed history up to where a new prompt diverges, and from scratch when the cut would remove

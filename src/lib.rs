@@ -20,8 +20,14 @@
 //! - [`plan`]: the whole step for one sequence: budgets + scores + selection + moves.
 //! - [`profile`]: the JSON model profile (SRH ranking, layer weights), validated against a model.
 //! - [`options`]: the options of one compression as llama.cpp passes them (names, defaults, validation).
+//! - [`flags`]: the `--compresskv-*` flags of llama.cpp's tools that set them (names, help).
+//! - [`overflow`]: bounded-memory prefill of a prompt longer than the context (chunks, passes, probe).
 //! - [`request`]: one compression of a llama.cpp sequence as policy (window, budget, slots, stats).
 //! - [`ffi`]: the C ABI.
+//!
+//! The ggml side of the same steps (host views of the cache's tensors, the scoring and compaction graphs on
+//! the backend that holds them) is C++ over the public ggml API, `src/ggml/compresskv-ggml.cpp`, compiled
+//! into llama.cpp's libllama when it is built with `LLAMA_COMPRESSKV`.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -30,9 +36,11 @@ pub mod budget;
 pub mod compact;
 pub mod error;
 pub mod ffi;
+pub mod flags;
 pub mod gather;
 pub mod layout;
 pub mod options;
+pub mod overflow;
 pub mod plan;
 pub mod profile;
 pub mod request;

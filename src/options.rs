@@ -68,6 +68,14 @@ impl Budget {
 /// back closes an earlier turn, not the question.
 pub const QUESTION_MAX_SUFFIX: usize = 64;
 
+/// Where a question ends in tokens whose end-of-turn flags are `eog` (`eog[0]` at position `first`): the
+/// index of the last end-of-turn token among the last [`QUESTION_MAX_SUFFIX`] + 1, not at position 0.
+pub fn question_end(eog: &[u8], first: i64) -> Option<usize> {
+    let m = eog.len();
+    let lo = m.saturating_sub(1 + QUESTION_MAX_SUFFIX);
+    (lo..m).rev().find(|&i| eog[i] != 0 && first + i as i64 >= 1)
+}
+
 /// Options of one compression (see the module doc).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {

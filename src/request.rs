@@ -21,7 +21,7 @@
 //! positions are those of llama.cpp (`i32`), indices are into the sequence's cells in position order.
 
 use crate::error::{Error, Result};
-use crate::options::{Anchor, Form, Options, QUESTION_MAX_SUFFIX};
+use crate::options::{question_end, Anchor, Form, Options, QUESTION_MAX_SUFFIX};
 use crate::plan::{Method, Params, Plan};
 
 /// The sequence as llama.cpp holds it.
@@ -231,9 +231,7 @@ impl Request {
         let eog = seq.eog.unwrap_or(&[]);
         let m = eog.len().min(seq.n_tokens);
         let first = self.p_next - m as i32; // position of eog[0]
-        let lo = m.saturating_sub(1 + QUESTION_MAX_SUFFIX);
-        let found = (lo..m).rev().find(|&i| eog[i] != 0 && first + i as i32 >= 1);
-        let Some(i) = found else {
+        let Some(i) = question_end(&eog[..m], i64::from(first)) else {
             self.note = Some(format!(
                 "no end-of-turn token in the prompt's last {QUESTION_MAX_SUFFIX} tokens (no generation prompt); the window ends at the prompt's end"
             ));

@@ -364,6 +364,20 @@ fn header_matches_rust_exports() {
             ms_compact,
             ms_total
         }),
+        mirror!(ckv_flag {
+            name,
+            key,
+            hint,
+            help,
+            completion_only
+        }),
+        mirror!(ckv_overflow {
+            n_batch,
+            n_keep,
+            probe_start,
+            probe_end,
+            no_question
+        }),
         mirror!(ckv_gather_block {
             base,
             span,

@@ -53,7 +53,7 @@ pub use budget::{ckv_budget_allocate, ckv_budget_fit};
 pub use compact::{ckv_checksum, ckv_compact};
 pub use gather::{ckv_gather_block, ckv_plan_gather};
 pub use misc::{ckv_dequantize_row, ckv_fingerprint, ckv_status_name, ckv_version};
-pub use options::{ckv_option_get, ckv_options_check};
+pub use options::{ckv_flag, ckv_flag_get, ckv_option_get, ckv_options_check, ckv_overflow, ckv_overflow_plan};
 pub use params::{ckv_method_from_name, ckv_params_default, CKV_PARAMS_MIN_SIZE};
 pub use plan::{
     ckv_plan_budget, ckv_plan_create, ckv_plan_fallback, ckv_plan_free, ckv_plan_group, ckv_plan_n_groups,
