@@ -367,9 +367,7 @@ impl Options {
             fill: self.form == Form::Fill,
             ..Params::default()
         };
-        if p.method == Method::StreamingLlm && p.n_sink == 0 {
-            p.n_sink = 4;
-        }
+        p.n_sink = p.sinks();
         p
     }
 }

@@ -156,7 +156,6 @@ pub(super) fn flag(v: i32, what: &str) -> Result<bool> {
 /// Validate the caller's parameters and convert them.
 pub(super) fn to_params(c: &ckv_params) -> Result<Params> {
     let method = method_from_id(c.method)?;
-    let streaming = method == Method::StreamingLlm;
     let budget = nonneg(c.budget, "params.budget")?;
     if budget == 0 && !(c.ratio > 0.0 && c.ratio <= 1.0) {
         return Err(Error::InvalidArg(format!(
@@ -179,10 +178,7 @@ pub(super) fn to_params(c: &ckv_params) -> Result<Params> {
             )))
         }
     };
-    let mut n_sink = nonneg(c.n_sink, "params.n_sink")?;
-    if streaming && n_sink == 0 {
-        n_sink = 4;
-    }
+    let n_sink = nonneg(c.n_sink, "params.n_sink")?;
     if c.pool_kernel < 1 || c.pool_kernel % 2 == 0 {
         return Err(Error::InvalidArg(format!(
             "params.pool_kernel: {} (expected an odd value >= 1)",
@@ -212,7 +208,7 @@ pub(super) fn to_params(c: &ckv_params) -> Result<Params> {
             c.pyramid_beta
         )));
     }
-    Ok(Params {
+    let p = Params {
         method,
         budget,
         ratio: if c.ratio.is_finite() { c.ratio } else { 0.0 },
@@ -227,7 +223,8 @@ pub(super) fn to_params(c: &ckv_params) -> Result<Params> {
         fill: flag(c.fill, "params.fill")?,
         floor,
         pyramid_beta: c.pyramid_beta as f64,
-    })
+    };
+    Ok(Params { n_sink: p.sinks(), ..p })
 }
 
 pub(super) fn to_shape(s: &ckv_shape, what: &str) -> Result<Shape> {

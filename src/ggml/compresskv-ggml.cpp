@@ -329,35 +329,36 @@ int32_t ckv_ggml_compact(const ckv_ggml_cache & c, const ckv_plan * plan, std::s
     if (!ckv_graph_devices(c, ckv_plan_n_groups(plan), devs, error)) {
         return 1;
     }
-    // reserve for every layer and check that the backend runs every op: all before the first move
-    for (size_t il = 0; il < c.k.size(); ++il) {
-        ggml_context_ptr ctx0;
-        ckv_idx idx;
-        ggml_cgraph * gf = ckv_compact_graph(c, plan, il, ctx0, idx, error);
-        const ckv_ggml_device * dv = ckv_layer_device(c, il, devs, error);
-        if (!gf || ckv_fault("graph-reserve") || !ggml_gallocr_reserve(dv->galloc.get(), gf)) {
-            error = std::string("cannot allocate the compaction graph on ") + ggml_backend_name(dv->backend.get());
-            return 1;
-        }
-        if (!ckv_supports(dv->backend.get(), gf, error)) {
-            return 1;
-        }
-    }
-    for (size_t il = 0; il < c.k.size(); ++il) {
-        ggml_context_ptr ctx0;
-        ckv_idx idx;
-        ggml_cgraph * gf = ckv_compact_graph(c, plan, il, ctx0, idx, error);
-        const ckv_ggml_device * dv = ckv_layer_device(c, il, devs, error);
-        if (!gf || !ggml_gallocr_alloc_graph(dv->galloc.get(), gf)) {
-            error = "cannot allocate the compaction graph of layer " + std::to_string(il);
-            return il == 0 ? 1 : -1;
-        }
-        for (const auto & [t, data] : idx) {
-            ggml_backend_tensor_set(t, data.data(), 0, ggml_nbytes(t));
-        }
-        if ((ckv_fault("graph-compute") && il == c.k.size()/2) || ggml_backend_graph_compute(dv->backend.get(), gf) != GGML_STATUS_SUCCESS) {
-            error = "the compaction graph of layer " + std::to_string(il) + " failed on " + ggml_backend_name(dv->backend.get());
-            return -1;
+    // pass 0 reserves every layer's graph and checks that its backend runs every op, all before the first move;
+    // pass 1 moves the cells, layer by layer
+    for (int pass = 0; pass < 2; ++pass) {
+        for (size_t il = 0; il < c.k.size(); ++il) {
+            ggml_context_ptr ctx0;
+            ckv_idx idx;
+            ggml_cgraph * gf = ckv_compact_graph(c, plan, il, ctx0, idx, error);
+            const ckv_ggml_device * dv = ckv_layer_device(c, il, devs, error);
+            const char * backend = ggml_backend_name(dv->backend.get());
+            if (pass == 0) {
+                if (!gf || ckv_fault("graph-reserve") || !ggml_gallocr_reserve(dv->galloc.get(), gf)) {
+                    error = std::string("cannot allocate the compaction graph on ") + backend;
+                    return 1;
+                }
+                if (!ckv_supports(dv->backend.get(), gf, error)) {
+                    return 1;
+                }
+                continue;
+            }
+            if (!gf || !ggml_gallocr_alloc_graph(dv->galloc.get(), gf)) {
+                error = "cannot allocate the compaction graph of layer " + std::to_string(il);
+                return il == 0 ? 1 : -1;
+            }
+            for (const auto & [t, data] : idx) {
+                ggml_backend_tensor_set(t, data.data(), 0, ggml_nbytes(t));
+            }
+            if ((ckv_fault("graph-compute") && il == c.k.size()/2) || ggml_backend_graph_compute(dv->backend.get(), gf) != GGML_STATUS_SUCCESS) {
+                error = "the compaction graph of layer " + std::to_string(il) + " failed on " + backend;
+                return -1;
+            }
         }
     }
     return 0;

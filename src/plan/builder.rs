@@ -160,9 +160,7 @@ pub fn build_from(
     let mut resolved = params.clone();
     resolved.window_end = Some(we);
     resolved.budget = avg;
-    if streaming_only && resolved.n_sink == 0 {
-        resolved.n_sink = 4;
-    }
+    resolved.n_sink = params.sinks();
     let fill_k = budgets.iter().copied().max().unwrap_or(0).min(n);
 
     let ctx = LayerCtx {

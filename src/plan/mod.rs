@@ -115,6 +115,20 @@ pub struct Params {
     pub pyramid_beta: f64,
 }
 
+/// StreamingLLM's attention sinks when `n_sink` is 0.
+pub const STREAMINGLLM_SINK: usize = 4;
+
+impl Params {
+    /// `n_sink` as the plan uses it: [`STREAMINGLLM_SINK`] for StreamingLLM when 0 (the one place of that rule).
+    pub fn sinks(&self) -> usize {
+        if self.method == Method::StreamingLlm && self.n_sink == 0 {
+            STREAMINGLLM_SINK
+        } else {
+            self.n_sink
+        }
+    }
+}
+
 impl Default for Params {
     fn default() -> Self {
         Params {
