@@ -8,8 +8,9 @@
 //   - the compaction of a plan by gather graphs on that backend.
 // src/ggml/compresskv-ggml.cpp is compiled into libllama (patches/0001 adds it to its sources), so that
 // the patch keeps only what needs llama.cpp's internals: the cells' metadata, query capture and the API.
-// Every function reports a failure by its return value and a message in `error`; none throws, and none
-// writes to the cache before every check of its plan passed (ckv_ggml_compact: -1 is the exception).
+// Every function reports a failure by its return value and a message in `error` (only an allocation failure
+// throws, std::bad_alloc, which llama_kv_compress catches), and none writes to the cache before every check of
+// its plan passed (ckv_ggml_compact: -1 is the exception).
 #pragma once
 
 #include "compresskv.h"

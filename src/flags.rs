@@ -67,6 +67,10 @@ const fn flag(
 /// travel in the options string); it is decoded after the sequence as `ckv_seq_desc.n_probe` tokens.
 pub const PROBE_KEY: &str = "probe";
 
+/// The most flags llama.cpp registers: `common/arg.cpp` instantiates one handler per index below it (a
+/// handler is a plain function pointer and cannot carry its flag).
+pub const MAX_FLAGS: usize = 32;
+
 /// Every flag, in the order `--help` lists them.
 pub const FLAGS: &[Flag] = &[
     flag(
@@ -282,5 +286,9 @@ mod tests {
         assert!(help(by("--compresskv-overflow-window")).ends_with("(default: question)"));
         assert!(!help(by("--compresskv-stats")).contains("default"));
         assert_eq!(C_FLAGS.len(), FLAGS.len());
+        assert!(
+            FLAGS.len() <= MAX_FLAGS,
+            "common/arg.cpp registers at most {MAX_FLAGS} flags"
+        );
     }
 }

@@ -126,19 +126,7 @@ fn context_compressed_with_a_probe_saves_and_takes_its_question_later() {
         first.log
     );
 
-    let second = run(prompt_35k(), &["--prompt-cache", s, "--prompt-cache-ro"], "agnostic-2");
-    assert!(second.ok, "{}", second.log);
-    let n_ctx = st["n_prompt"].as_u64().unwrap();
-    assert!(
-        second.log.contains(&format!("session file matches {n_ctx} / ")) && second.log.contains("is compressed"),
-        "the compressed context must be loaded and extended:\n{}",
-        second.log
-    );
-    assert!(
-        second.stats.is_empty() && !second.answer.trim().is_empty(),
-        "{}",
-        second.log
-    );
+    extend_compressed_session(s, st["n_prompt"].as_u64().unwrap(), "agnostic-2");
 
     // a context whose last token merges with what follows (here it ends inside "Question": "Qu" and then
     // "estion" tokenize as one token; Qwen's ".\n" does the same at a sentence end): the loading run matches all
@@ -241,10 +229,16 @@ fn reconstruction_scores_a_context_before_its_question() {
     assert_eq!(st["window"]["start"].as_u64().unwrap(), n, "{st}");
     assert_eq!(st["window"]["text"], "\n\nRepeat the text above exactly:\n", "{st}");
 
-    let second = run(prompt_35k(), &["--prompt-cache", s, "--prompt-cache-ro"], "recon-2");
+    extend_compressed_session(s, n, "recon-2");
+}
+
+/// A second run loads the compressed session saved from the context of `n_ctx` positions (read-only), extends
+/// it by the question, answers, and compresses nothing again.
+fn extend_compressed_session(session: &str, n_ctx: u64, tag: &str) {
+    let second = run(prompt_35k(), &["--prompt-cache", session, "--prompt-cache-ro"], tag);
     assert!(second.ok, "{}", second.log);
     assert!(
-        second.log.contains(&format!("session file matches {n} / ")) && second.log.contains("is compressed"),
+        second.log.contains(&format!("session file matches {n_ctx} / ")) && second.log.contains("is compressed"),
         "the compressed context must be loaded and extended by its question:\n{}",
         second.log
     );
