@@ -59,6 +59,7 @@ typedef enum ckv_method {
     CKV_METHOD_PYRAMIDKV    = 2, /* all query heads, pyramid budgets                        */
     CKV_METHOD_STREAMINGLLM = 3, /* sink + recent tokens, no scoring                        */
     CKV_METHOD_SNAPKV_SRH   = 4, /* ablation: the profile's SRHs, uniform budgets (needs one) */
+    CKV_METHOD_GATE         = 5, /* query-agnostic: the profile's key gate, no queries (needs one) */
 } ckv_method;
 
 typedef enum ckv_pool {
@@ -234,12 +235,14 @@ ckv_status ckv_plan_stats_json(const ckv_plan * plan, char * buf, size_t buf_siz
 /* ---- Options and requests: the policy of one compression of a llama.cpp sequence ----
  *
  * Options are "key=value" entries separated by ';' or newlines, later entries overriding earlier ones:
- * method (compresskv, snapkv, pyramidkv, streamingllm, snapkv-srh), budget (cells kept per layer, window
+ * method (compresskv, snapkv, pyramidkv, streamingllm, snapkv-srh, gate), budget (cells kept per layer, window
  * included), ratio (fraction of the sequence, in (0, 1]; instead of budget), budget_avg (0/1: the budget is
  * the paper's average over layers), window, anchor (end, question), window_end (a position), pool (odd),
  * chunk (0: single tokens), sink, per_head (0/1), form (fill, exact, mask), preset (paper, default),
- * profile (a path), stats (a path: one JSON line per compression is appended). Every default is defined
- * once, in the library: ckv_option_get(NULL, key, ...) gives it. */
+ * profile (a path), stats (a path: one JSON line per compression is appended), overflow (recent, question,
+ * probe), reconstruct (0/1), gate_stats (a path: calibration of the key gate; ckv_request_plan_scored with keys adds
+ * each scored layer's keys and scores to the statistics in that file). Every default is defined once, in the
+ * library: ckv_option_get(NULL, key, ...) gives it. */
 
 typedef struct ckv_request ckv_request;
 

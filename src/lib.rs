@@ -17,6 +17,7 @@
 //! - [`budget`]: per-layer budget allocation (uniform, pyramid, error-weighted).
 //! - [`compact`]: move plans and in-place, block-exact compaction of host buffers.
 //! - [`gather`]: the `i32` index blocks of the device gather that moves the same cells (llama.cpp's graph).
+//! - [`gate`]: the key gate, a query-agnostic scorer fitted offline to reconstruction scores.
 //! - [`plan`]: the whole step for one sequence: budgets + scores + selection + moves.
 //! - [`profile`]: the JSON model profile (SRH ranking, layer weights), validated against a model.
 //! - [`options`]: the options of one compression as llama.cpp passes them (names, defaults, validation).
@@ -37,6 +38,7 @@ pub mod compact;
 pub mod error;
 pub mod ffi;
 pub mod flags;
+pub mod gate;
 pub mod gather;
 pub mod layout;
 pub mod options;

@@ -113,6 +113,9 @@ pub struct Options {
     /// Reconstruction scoring (query-agnostic): the probe is an instruction to repeat the context, and the
     /// sequence's own tokens are decoded after it chunk by chunk; every chunk's queries score the cells.
     pub reconstruct: bool,
+    /// Calibration of the key gate: add each scored layer's (key, score) samples to the gate statistics in
+    /// this file ([`crate::gate::Stats`]); used with reconstruction scoring by `llama-compresskv-calibrate`.
+    pub gate_stats: Option<String>,
 }
 
 /// The probe that asks the model to repeat its context (reconstruction scoring), when the caller gave none.
@@ -138,6 +141,7 @@ impl Default for Options {
             stats: None,
             overflow: "question",
             reconstruct: false,
+            gate_stats: None,
         }
     }
 }
@@ -162,16 +166,18 @@ pub const KEYS: &[&str] = &[
     "stats",
     "overflow",
     "reconstruct",
+    "gate_stats",
 ];
 
 impl Method {
     /// Every method, in `ckv_method` order (the one table of names).
-    pub const ALL: [Method; 5] = [
+    pub const ALL: [Method; 6] = [
         Method::CompressKv,
         Method::SnapKv,
         Method::PyramidKv,
         Method::StreamingLlm,
         Method::SnapKvSrh,
+        Method::Gate,
     ];
 
     /// The method named `name` (ASCII case ignored).
@@ -182,7 +188,7 @@ impl Method {
             .ok_or_else(|| Error::InvalidArg(format!("unknown method '{name}' (expected {})", Method::names())))
     }
 
-    /// "compresskv, snapkv, pyramidkv, streamingllm or snapkv-srh".
+    /// "compresskv, snapkv, pyramidkv, streamingllm, snapkv-srh or gate".
     pub fn names() -> String {
         let n: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
         format!("{} or {}", n[..n.len() - 1].join(", "), n[n.len() - 1])
@@ -279,6 +285,7 @@ impl Options {
             "stats" => self.stats = Some(value.to_string()).filter(|s| !s.is_empty()),
             "overflow" => self.overflow = one_of(key, value, OVERFLOWS)?,
             "reconstruct" => self.reconstruct = boolean(key, value)?,
+            "gate_stats" => self.gate_stats = Some(value.to_string()).filter(|s| !s.is_empty()),
             _ => {
                 return Err(Error::InvalidArg(format!(
                     "unknown option '{key}' (expected one of {})",
@@ -337,6 +344,7 @@ impl Options {
             "stats" => self.stats.clone().unwrap_or_default(),
             "overflow" => self.overflow.to_string(),
             "reconstruct" => u8::from(self.reconstruct).to_string(),
+            "gate_stats" => self.gate_stats.clone().unwrap_or_default(),
             // read-only: the probe a reconstruction uses when the caller gives none
             "reconstruct_prompt" => RECONSTRUCT_PROMPT.to_string(),
             _ => {

@@ -20,7 +20,6 @@
 
 use crate::error::{Error, Result};
 use crate::options::{question_end, Budget, Form, Options};
-use crate::plan::Method;
 
 /// Which tokens score the passes that make room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +58,7 @@ pub fn plan(opts: &Options, eog: &[u8], n_cells: usize, n_batch: usize, n_probe_
             )))
         }
     };
-    let scores = opts.method != Method::StreamingLlm;
+    let scores = opts.method.needs_queries();
     let window = opts.window as usize;
     let mut no_question = false;
     let probe = match opts.overflow {

@@ -9,7 +9,9 @@
 //!   "head_ranking": [[3, 0, ...], ...],   // n_layer rows, each a permutation of 0..n_head, best first
 //!   "head_scores":  [[0.1, ...], ...],    // n_layer rows of n_head finite scores, in head order
 //!   "layer_weights": [0.03, ...],         // n_layer finite values >= 0 summing to 1 (within 1e-6)
-//!   "calibration": {...}                  // optional, free-form (tool, probes, data, seed, dates)
+//!   "calibration": {...},                 // optional, free-form (tool, probes, data, seed, dates)
+//!   "gate": {"weights": [[[...]]], "fit": {...}}  // optional: the key gate (crate::gate), n_layer x
+//!                                         // n_head_kv vectors of 2 * head_dim + 1 finite weights
 //! }
 //! ```
 //!
@@ -60,6 +62,9 @@ pub struct Profile {
     /// How it was calibrated (free-form but structured: tool, probes, data, seed, dates).
     #[serde(default)]
     pub calibration: serde_json::Value,
+    /// The key gate of method `gate` (query-agnostic scoring), when calibrated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<crate::gate::Gate>,
 }
 
 /// The only format version this library reads and writes.
@@ -68,13 +73,14 @@ pub const PROFILE_VERSION: u32 = 1;
 /// Tolerance on `sum(layer_weights) == 1`.
 pub const WEIGHT_SUM_TOLERANCE: f64 = 1e-6;
 
-const TOP_FIELDS: [&str; 6] = [
+const TOP_FIELDS: [&str; 7] = [
     "version",
     "model",
     "head_ranking",
     "head_scores",
     "layer_weights",
     "calibration",
+    "gate",
 ];
 const MODEL_FIELDS: [&str; 6] = ["arch", "n_layer", "n_head", "n_head_kv", "head_dim", "fingerprint"];
 
@@ -136,6 +142,13 @@ impl Profile {
             head_scores: field(obj, "head_scores", "head_scores")?,
             layer_weights: field(obj, "layer_weights", "layer_weights")?,
             calibration: obj.get("calibration").cloned().unwrap_or(Value::Null),
+            gate: match obj.get("gate") {
+                None | Some(Value::Null) => None,
+                Some(g) => Some(
+                    <crate::gate::Gate as serde::Deserialize>::deserialize(g)
+                        .map_err(|e| perr(format!("gate: {e}")))?,
+                ),
+            },
         };
         p.validate()?;
         Ok(p)
@@ -233,6 +246,9 @@ impl Profile {
             return Err(perr(format!(
                 "layer_weights: sum {sum} is not 1 (tolerance {WEIGHT_SUM_TOLERANCE})"
             )));
+        }
+        if let Some(g) = &self.gate {
+            g.validate(nl, m.n_head_kv, m.head_dim)?;
         }
         Ok(())
     }
@@ -390,6 +406,7 @@ mod tests {
             head_scores: vec![vec![0.2, 0.05, 0.4, 0.1], vec![0.3, 0.2, 0.1, 0.0]],
             layer_weights: vec![0.25, 0.75],
             calibration: serde_json::json!({"tool": "unit-test"}),
+            gate: None,
         }
     }
 

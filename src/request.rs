@@ -89,19 +89,25 @@ fn refuse(msg: impl Into<String>) -> Error {
 impl Request {
     /// Decide the request (see the module doc).
     pub fn new(opts: Options, seq: &Sequence<'_>) -> Result<Request> {
+        // the gate scores without queries: a probe the caller offers is not decoded
+        let unused_probe = seq.n_probe > 0 && opts.method == Method::Gate;
+        let seq = &Sequence {
+            n_probe: if unused_probe { 0 } else { seq.n_probe },
+            ..*seq
+        };
         let n = seq.pos.len();
         if n == 0 {
             return Err(refuse("the sequence holds no tokens"));
         }
         let fill = opts.form == Form::Fill;
-        let streaming = opts.method == Method::StreamingLlm;
+        let no_queries = !opts.method.needs_queries();
         let probe = seq.n_probe > 0;
         if seq.compressed && (!fill || opts.per_head) {
             return Err(refuse(
                 "the sequence is already compressed; compressing it again needs the fill form with one token set per layer",
             ));
         }
-        if probe && (!fill || streaming) {
+        if probe && (!fill || no_queries) {
             return Err(refuse("a probe window needs a scoring method and the fill form"));
         }
         if seq.iswa && !fill {
@@ -138,12 +144,16 @@ impl Request {
             return Ok(r);
         }
         if probe {
-            r.n_decode = if streaming { 0 } else { seq.n_probe };
+            r.n_decode = if no_queries { 0 } else { seq.n_probe };
         } else {
             r.place_window(seq)?;
         }
         if r.opts.reconstruct {
             r.recon_chunk = r.reconstruct_chunk(seq)?;
+        }
+        if unused_probe {
+            let m = "method gate scores each cell from its key alone: the probe is not used";
+            r.note = Some(r.note.take().map_or(m.into(), |n| format!("{n}; {m}")));
         }
         if r.n_decode > seq.n_ubatch {
             return Err(refuse(format!(
@@ -158,7 +168,7 @@ impl Request {
     /// the largest chunk with `(n + chunk) * chunk <= RECON_PROBS_PER_HEAD` (at least 32). Refused without a probe (the instruction to repeat
     /// the context), with a method that does not score, or without the tokens of every cell.
     fn reconstruct_chunk(&self, seq: &Sequence<'_>) -> Result<usize> {
-        if seq.n_probe == 0 || self.opts.method == Method::StreamingLlm {
+        if seq.n_probe == 0 || !self.opts.method.needs_queries() {
             return Err(refuse(
                 "reconstruction needs a scoring method and a probe (the instruction to repeat the context)",
             ));
@@ -209,7 +219,7 @@ impl Request {
         self.we = we;
         self.ws = we - w;
         self.decode_pos = pos[self.ws];
-        if self.opts.method != Method::StreamingLlm {
+        if self.opts.method.needs_queries() {
             self.n_decode = n - self.ws;
             if seq.n_tokens < self.n_decode {
                 return Err(refuse(format!(
@@ -484,5 +494,20 @@ mod tests {
             let e = Request::new(opts(t), &sq).unwrap_err().to_string();
             assert!(e.contains(why), "{t} {n_probe} {n_tokens}: {e}");
         }
+    }
+
+    #[test]
+    fn the_gate_decodes_nothing_and_leaves_a_probe_unused() {
+        let pos: Vec<i32> = (0..100).collect();
+        let r = Request::new(Options::parse("budget=20;method=gate").unwrap(), &seq(&pos, None)).unwrap();
+        assert_eq!((r.n_decode, r.ws, r.we, r.anchor), (0, 92, 100, "end"));
+        let mut s = seq(&pos, None);
+        s.n_probe = 6;
+        let r = Request::new(Options::parse("budget=20;method=gate").unwrap(), &s).unwrap();
+        assert_eq!((r.n_decode, r.n_probe, r.keep_last, r.anchor), (0, 0, false, "end"));
+        assert!(r.note.unwrap().contains("probe is not used"));
+        // nor does it reconstruct: that scores with queries
+        let e = Request::new(Options::parse("budget=20;method=gate;reconstruct=1").unwrap(), &s).unwrap_err();
+        assert!(e.to_string().contains("scoring method"), "{e}");
     }
 }

@@ -434,6 +434,7 @@ fn header_matches_rust_exports() {
         CKV_METHOD_PYRAMIDKV,
         CKV_METHOD_STREAMINGLLM,
         CKV_METHOD_SNAPKV_SRH,
+        CKV_METHOD_GATE,
         CKV_POOL_AVG,
         CKV_POOL_MAX,
         CKV_ALLOC_UNIFORM,

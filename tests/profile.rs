@@ -30,6 +30,7 @@ fn profile() -> Profile {
         ],
         layer_weights: vec![0.2, 0.3, 0.5],
         calibration: json!({"tool": "ckv-calibrate", "probes": 600, "seed": 7, "data": ["held-out"]}),
+        gate: None,
     }
 }
 
@@ -387,7 +388,39 @@ fn shipped_profiles_validate_and_have_their_pngs() {
             let bytes = std::fs::read(dir.join(&png)).unwrap_or_else(|e| panic!("{png}: {e}"));
             assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{png} is not a PNG");
         }
+        // every shipped profile carries its key gate (method gate), fitted with a held-out R^2 above 0
+        let g = p.gate.as_ref().unwrap_or_else(|| panic!("{}: no gate", path.display()));
+        assert!(g.fit["held_out_r2"].as_f64().unwrap() > 0.0, "{}", path.display());
         n += 1;
     }
     assert!(n >= 1, "no profile in {}", dir.display());
+}
+
+#[test]
+fn gate_round_trips_and_bad_gates_are_refused() {
+    let mut p = profile();
+    let nf = compresskv::gate::n_feat(64);
+    p.gate = Some(compresskv::gate::Gate {
+        weights: vec![vec![vec![0.5; nf]; 2]; 3],
+        fit: json!({"lambda": 0.01}),
+    });
+    let text = p.to_json_pretty();
+    assert_eq!(Profile::from_json(&text).unwrap(), p);
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut v: Value = serde_json::from_str(&text).unwrap();
+        f(&mut v);
+        v.to_string()
+    };
+    assert_refused(&with(&|v| v["gate"]["weights"][2] = json!([])), "gate.weights[2]");
+    assert_refused(
+        &with(&|v| v["gate"]["weights"][1][0] = json!([1.0, 2.0])),
+        "gate.weights[1][0]",
+    );
+    assert_refused(&with(&|v| v["gate"]["weights"] = json!([[[]]])), "gate.weights");
+    assert_refused(&with(&|v| v["gate"] = json!({"fit": {}})), "gate");
+    // a profile without a gate is still a profile
+    assert_eq!(
+        Profile::from_json(&with(&|v| v["gate"] = Value::Null)).unwrap().gate,
+        None
+    );
 }

@@ -177,6 +177,7 @@ fn synthetic_profile(n_layer: usize, seed: u64) -> Profile {
         head_scores: vec![vec![0.0; N_HEAD]; n_layer],
         layer_weights: vec![1.0 / n_layer as f64; n_layer],
         calibration: json!({"tool": "bench_core", "synthetic": true}),
+        gate: None,
     }
 }
 

@@ -24,6 +24,7 @@ pub(super) fn method_id(m: Method) -> i32 {
         Method::PyramidKv => CKV_METHOD_PYRAMIDKV,
         Method::StreamingLlm => CKV_METHOD_STREAMINGLLM,
         Method::SnapKvSrh => CKV_METHOD_SNAPKV_SRH,
+        Method::Gate => CKV_METHOD_GATE,
     }
 }
 
@@ -34,9 +35,10 @@ pub(super) fn method_from_id(id: i32) -> Result<Method> {
         CKV_METHOD_PYRAMIDKV => Method::PyramidKv,
         CKV_METHOD_STREAMINGLLM => Method::StreamingLlm,
         CKV_METHOD_SNAPKV_SRH => Method::SnapKvSrh,
+        CKV_METHOD_GATE => Method::Gate,
         _ => {
             return Err(Error::InvalidArg(format!(
-                "params.method: {id} is not a ckv_method (0..=4)"
+                "params.method: {id} is not a ckv_method (0..=5)"
             )))
         }
     })
@@ -280,20 +282,14 @@ pub unsafe extern "C" fn ckv_method_from_name(name: *const c_char, out: *mut i32
         let s = unsafe { c_str(name, "name") }?;
         check_ptr(out, "out")?;
         let text = s.to_string_lossy();
-        let m = [
-            Method::CompressKv,
-            Method::SnapKv,
-            Method::PyramidKv,
-            Method::StreamingLlm,
-            Method::SnapKvSrh,
-        ]
-        .into_iter()
-        .find(|m| m.name().eq_ignore_ascii_case(&text))
-        .ok_or_else(|| {
-            Error::InvalidArg(format!(
-                "unknown method name {text:?} (expected compresskv, snapkv, pyramidkv, streamingllm or snapkv-srh)"
-            ))
-        })?;
+        let m = Method::ALL
+            .into_iter()
+            .find(|m| m.name().eq_ignore_ascii_case(&text))
+            .ok_or_else(|| {
+                Error::InvalidArg(format!(
+                    "unknown method name {text:?} (expected compresskv, snapkv, pyramidkv, streamingllm or snapkv-srh)"
+                ))
+            })?;
         // SAFETY: checked non-null and aligned.
         unsafe { put(out, method_id(m)) };
         Ok(())

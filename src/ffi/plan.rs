@@ -172,12 +172,13 @@ pub(super) unsafe fn plan_inputs<'a>(
     // SAFETY: the caller guarantees `n_tokens` readable int32_t when non-null.
     let cells_in = unsafe { slice_ref(cells, n, "cells") }?;
     let streaming = prm.method == Method::StreamingLlm;
+    let no_queries = !prm.method.needs_queries();
     let mut views = Vec::with_capacity(shp.n_layer);
     let mut q_ptrs: Option<&[*const f32]> = None;
     if let Some((keys, queries)) = keys_queries {
         // SAFETY: the caller guarantees `n_layer` readable ckv_buffer when non-null.
         let key_bufs = unsafe { slice_ref(keys, shp.n_layer, "keys") }?;
-        if !(queries.is_null() && streaming) {
+        if !(queries.is_null() && no_queries) {
             // SAFETY: the caller guarantees `n_layer` readable pointers when non-null.
             q_ptrs = Some(unsafe { slice_ref(queries, shp.n_layer, "queries") }?);
         }

@@ -12,7 +12,6 @@ use super::plan::stats_json;
 use super::types::*;
 use crate::error::{Error, Result};
 use crate::options::Form;
-use crate::plan::Method;
 use crate::request::{Request, Sequence, Slots};
 use std::ffi::{c_char, CString};
 use std::mem::size_of;
@@ -232,8 +231,7 @@ pub unsafe extern "C" fn ckv_request_info_get(req: *mut ckv_request, info: *mut 
         let h = unsafe { request_mut(req) }?;
         check_ptr(info, "info")?;
         let r = &h.req;
-        let streaming = r.opts.method == Method::StreamingLlm;
-        let text_index = if streaming || r.skip {
+        let text_index = if !r.opts.method.needs_queries() || r.skip {
             -2
         } else if r.n_probe > 0 {
             -1

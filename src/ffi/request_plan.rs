@@ -15,6 +15,7 @@ use super::request::{ckv_request, request_mut};
 use super::types::*;
 use crate::budget;
 use crate::error::{Error, Result};
+use crate::gate;
 use crate::plan::{self, Method, Source};
 use crate::profile::find_profile;
 use crate::profile::Profile;
@@ -117,7 +118,7 @@ pub(super) unsafe fn prepare<'r>(
             .map_err(|e| Error::Profile(format!("profile '{path}' refused: {e}")))?;
         h.profile_path = Some(path);
         Some(prof)
-    } else if matches!(method, Method::CompressKv | Method::SnapKvSrh) {
+    } else if method.uses_profile() {
         let dir = profile_dir();
         match find_profile(&dir, &id) {
             Ok((path, prof)) => {
@@ -125,6 +126,12 @@ pub(super) unsafe fn prepare<'r>(
                 h.note = CString::new(format!("profile {path}")).unwrap_or_default();
                 h.profile_path = Some(path);
                 Some(prof)
+            }
+            Err(e) if method == Method::Gate => {
+                return Err(Error::Profile(format!(
+                    "method gate scores with the model's profile (fingerprint {}), and none was found: {e}",
+                    id.fingerprint
+                )))
             }
             Err(e) => {
                 let meta = if meta.is_null() {
@@ -241,6 +248,12 @@ pub unsafe extern "C" fn ckv_request_plan_scored(
         let mut max_diff = 0f64;
         // with keys: the library's own scores of each layer, for the check (computed once, next to the caller's)
         let mut own: Vec<Option<Vec<Vec<f32>>>> = vec![None; inp.layers.len()];
+        // gate calibration: the keys and the scorer's (reconstruction) scores of every scored layer
+        let gate_path = h.req.opts.gate_stats.clone().filter(|_| !inp.layers.is_empty());
+        let hd = inp.shape.heads;
+        let mut gate = gate_path
+            .as_ref()
+            .map(|_| gate::Stats::new(inp.shape.n_layer, hd.n_head_kv, hd.head_dim));
         let mut scorer = |l: usize, hs: &[usize], win: std::ops::Range<usize>| -> Result<Vec<Vec<f32>>> {
             let heads: Vec<i32> = hs.iter().map(|&x| x as i32).collect();
             let ws = win.start;
@@ -265,6 +278,9 @@ pub unsafe extern "C" fn ckv_request_plan_scored(
                 )));
             }
             let s: Vec<Vec<f32>> = (0..hs.len()).map(|j| out[j * ws..(j + 1) * ws].to_vec()).collect();
+            if let (Some(li), Some(g)) = (inp.layers.get(l), gate.as_mut()) {
+                g.accumulate(l, &li.keys, &inp.cells, hd, hs, &s);
+            }
             if let Some(li) = inp.layers.get(l) {
                 let mine = head_scores(&li.keys, &inp.cells, inp.shape.heads, li.queries, win, hs)?;
                 for (a, b) in s.iter().flatten().zip(mine.iter().flatten()) {
@@ -282,6 +298,9 @@ pub unsafe extern "C" fn ckv_request_plan_scored(
             &inp.cells,
             Source::External(&mut scorer),
         )?;
+        if let (Some(path), Some(g)) = (&gate_path, &gate) {
+            g.merge_into_file(std::path::Path::new(path))?;
+        }
         h.score_check = None;
         if !inp.layers.is_empty() {
             // the plan the library's own scores make: the same heads are asked of the same layers, so replay them

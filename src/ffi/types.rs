@@ -64,6 +64,8 @@ pub const CKV_METHOD_PYRAMIDKV: i32 = 2;
 pub const CKV_METHOD_STREAMINGLLM: i32 = 3;
 /// SnapKV + SRH (ablation).
 pub const CKV_METHOD_SNAPKV_SRH: i32 = 4;
+/// The key gate (query-agnostic).
+pub const CKV_METHOD_GATE: i32 = 5;
 
 /// `ckv_pool`: average pooling.
 pub const CKV_POOL_AVG: i32 = 0;

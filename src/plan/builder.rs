@@ -110,7 +110,7 @@ pub fn build_from(
         )));
     }
 
-    let streaming_only = params.method == Method::StreamingLlm;
+    let no_queries = !params.method.needs_queries();
     let want_q = params.window * h.n_head * h.head_dim;
     let host_layers: &[LayerInput<'_>] = match &source {
         Source::Host(layers) => layers,
@@ -121,7 +121,7 @@ pub fn build_from(
     }
     for (l, li) in host_layers.iter().enumerate() {
         check_keys(&li.keys, cells, h).map_err(|e| Error::InvalidArg(format!("layer {l}: {}", e.message())))?;
-        let ok = li.queries.len() == want_q || (streaming_only && li.queries.is_empty());
+        let ok = li.queries.len() == want_q || (no_queries && li.queries.is_empty());
         if !ok {
             return Err(Error::InvalidArg(format!(
                 "layer {l}: queries hold {} floats, expected window {} * n_head {} * head_dim {} = {want_q}",
@@ -150,6 +150,22 @@ pub fn build_from(
             ))
         }
         (Method::SnapKv | Method::PyramidKv, _) => (vec![all_heads; shape.n_layer], false),
+        (Method::Gate, p) => {
+            let g = p.and_then(|p| p.gate.as_ref()).ok_or_else(|| {
+                Error::Profile(
+                    "method gate scores with the profile's key gate: give a profile that has one \
+                     (llama-compresskv-calibrate --gate)"
+                        .into(),
+                )
+            })?;
+            g.validate(shape.n_layer, h.n_head_kv, h.head_dim)?;
+            if matches!(source, Source::External(_)) {
+                return Err(Error::InvalidArg(
+                    "method gate scores from the keys, not from a scorer: plan it with the keys".into(),
+                ));
+            }
+            (vec![all_heads; shape.n_layer], false)
+        }
         (Method::StreamingLlm, _) => (vec![Vec::new(); shape.n_layer], false),
     };
     let budgets = allocate(&allocation, avg, shape.n_layer, floor).map_err(|e| match (&allocation, e) {
@@ -176,8 +192,15 @@ pub fn build_from(
             .par_iter()
             .zip(budgets.par_iter())
             .zip(heads.into_par_iter())
-            .map(|((li, &budget), used)| {
-                let mut score = |hs: &[usize]| head_scores(&li.keys, cells, h, li.queries, window.clone(), hs);
+            .enumerate()
+            .map(|(l, ((li, &budget), used))| {
+                let mut score = |hs: &[usize]| match profile.and_then(|p| p.gate.as_ref()) {
+                    Some(g) if params.method == Method::Gate => {
+                        let per_kv = g.layer_scores(l, &li.keys, cells, h, window.start);
+                        Ok(hs.iter().map(|&x| per_kv[x / h.group_size()].clone()).collect())
+                    }
+                    _ => head_scores(&li.keys, cells, h, li.queries, window.clone(), hs),
+                };
                 ctx.plan_layer(budget, k_of(budget), used, &mut score)
             })
             .collect::<Result<_>>()?,

@@ -202,3 +202,79 @@ fn errors_name_the_value() {
     }];
     assert!(e(&p, &cells, &li2).contains("queries hold 0 floats"));
 }
+
+fn gate_profile(weights: Vec<f32>) -> Profile {
+    Profile {
+        version: 1,
+        model: crate::profile::ModelIdentity {
+            arch: "test".into(),
+            n_layer: 1,
+            n_head: 1,
+            n_head_kv: 1,
+            head_dim: 1,
+            fingerprint: "0123456789abcdef".into(),
+        },
+        head_ranking: vec![vec![0]],
+        head_scores: vec![vec![1.0]],
+        layer_weights: vec![1.0],
+        calibration: serde_json::Value::Null,
+        gate: Some(crate::gate::Gate {
+            weights: vec![vec![weights]],
+            fit: serde_json::Value::Null,
+        }),
+    }
+}
+
+#[test]
+fn the_key_gate_by_hand_needs_no_queries_and_a_profile_with_a_gate() {
+    // token t's key is keys[t] (head_dim 1): the gate's logit is -k^2 + 4k, so token 3 (k = 2, logit 4) is the
+    // best prefix token, then tokens 1 and 2 (logit 3); the window is token 5
+    let keys = [0.0f32, 3.0, 1.0, 2.0, 0.0, 0.0];
+    let cells = [0u32, 1, 2, 3, 4, 5];
+    let bytes = f32_bytes(&keys);
+    let view = LayerView::new(Geometry::rows(GgmlType::F32, 1, 6).unwrap(), &bytes).unwrap();
+    let li = [LayerInput {
+        keys: view,
+        queries: &[],
+    }];
+    let prof = gate_profile(vec![-1.0, 4.0, 0.0]);
+    let plan = build(&params(Method::Gate, 2), one_head(), Some(&prof), &cells, &li).unwrap();
+    assert_eq!(plan.layers[0].groups[0].kept, vec![3, 5]);
+    assert_eq!(plan.layers[0].heads_used, vec![0]);
+    // other weights, another choice: the logit k keeps token 1 (k = 3)
+    let plan = build(
+        &params(Method::Gate, 2),
+        one_head(),
+        Some(&gate_profile(vec![0.0, 1.0, 0.0])),
+        &cells,
+        &li,
+    )
+    .unwrap();
+    assert_eq!(plan.layers[0].groups[0].kept, vec![1, 5]);
+    // no profile, or a profile without a gate, or a gate of another shape: refused, naming what is missing
+    let e = build(&params(Method::Gate, 2), one_head(), None, &cells, &li).unwrap_err();
+    assert!(e.message().contains("key gate"), "{}", e.message());
+    let mut no_gate = prof.clone();
+    no_gate.gate = None;
+    assert!(build(&params(Method::Gate, 2), one_head(), Some(&no_gate), &cells, &li).is_err());
+    let e = build(
+        &params(Method::Gate, 2),
+        one_head(),
+        Some(&gate_profile(vec![0.0; 5])),
+        &cells,
+        &li,
+    )
+    .unwrap_err();
+    assert!(e.message().contains("gate.weights[0][0]"), "{}", e.message());
+    // the gate scores from the keys: an external scorer is refused
+    let mut scorer = |_: usize, _: &[usize], _: std::ops::Range<usize>| -> Result<Vec<Vec<f32>>> { Ok(vec![]) };
+    let e = build_from(
+        &params(Method::Gate, 2),
+        one_head(),
+        Some(&prof),
+        &cells,
+        Source::External(&mut scorer),
+    )
+    .unwrap_err();
+    assert!(e.message().contains("from the keys"), "{}", e.message());
+}

@@ -14,6 +14,7 @@
 //!     SnapKV          all heads                         Uniform
 //!     PyramidKV       all heads                         Pyramid(beta)
 //!     StreamingLLM    none                              Uniform (n_sink 4 when 0)
+//!     Gate            all heads (no queries)            Uniform
 //!     budget_l = allocate(allocation, avg, n_layer)
 //!     k_l = min(fill ? max_l budget_l : budget_l, n)
 //!     for each layer l (in parallel):
@@ -21,6 +22,7 @@
 //!         k_l >= n or ws == 0:   kept = 0..n (nothing to score)
 //!         otherwise:
 //!             raw[h] = head_scores(K_l, cells, Q_l, window, h)      for every head some group reads
+//!                      (Gate: raw[h] = gate.layer_scores(l, K_l, cells)[h / gs], keys only)
 //!                      (build_from with an external scorer: scorer(l, heads, window), layers in order)
 //!             p[h]   = pool(raw[h], pool_kernel, pool)
 //!             per layer:    s = mean of p[h] over the layer's heads;       kept = select(s, .., k_l, chunk)
@@ -66,6 +68,9 @@ pub enum Method {
     StreamingLlm,
     /// Ablation: the profile's SRH scoring with uniform budgets (SnapKV + SRH; needs a profile).
     SnapKvSrh,
+    /// Query-agnostic: the profile's key gate scores every cell from its key alone (no queries, no decode),
+    /// uniform budgets (needs a profile with a gate, see [`crate::gate`]).
+    Gate,
 }
 
 impl Method {
@@ -77,7 +82,18 @@ impl Method {
             Method::PyramidKv => "pyramidkv",
             Method::StreamingLlm => "streamingllm",
             Method::SnapKvSrh => "snapkv-srh",
+            Method::Gate => "gate",
         }
+    }
+
+    /// Whether the method scores with window queries (StreamingLLM and the gate do not: no decode).
+    pub fn needs_queries(self) -> bool {
+        !matches!(self, Method::StreamingLlm | Method::Gate)
+    }
+
+    /// Whether the method reads the model's profile (found for the model when the options name none).
+    pub fn uses_profile(self) -> bool {
+        matches!(self, Method::CompressKv | Method::SnapKvSrh | Method::Gate)
     }
 }
 

@@ -304,6 +304,8 @@ static void test_basics(void) {
     CHECK(m == CKV_METHOD_STREAMINGLLM);
     OK(ckv_method_from_name("snapkv-srh", &m));
     CHECK(m == CKV_METHOD_SNAPKV_SRH);
+    OK(ckv_method_from_name("gate", &m));
+    CHECK(m == CKV_METHOD_GATE);
     OK(ckv_method_from_name("compresskv", &m));
     CHECK(m == CKV_METHOD_COMPRESSKV);
     REFUSED(ckv_method_from_name("bogus_method", &m), CKV_ERR_INVALID_ARG, "bogus_method");
@@ -546,6 +548,8 @@ static void test_plan_create_refusals(const ckv_params * good, ckv_profile * wro
             CKV_ERR_INVALID_ARG, "params.method");
     REFUSED(ckv_plan_create(WITH_PARAMS(method, CKV_METHOD_SNAPKV_SRH), &shape, NULL, cells, N_TOK, C.kb, q, &out),
             CKV_ERR_PROFILE, "profile");
+    REFUSED(ckv_plan_create(WITH_PARAMS(method, CKV_METHOD_GATE), &shape, NULL, cells, N_TOK, C.kb, NULL, &out),
+            CKV_ERR_PROFILE, "key gate");
     REFUSED(ckv_plan_create(WITH_PARAMS(budget, 0), &shape, NULL, cells, N_TOK, C.kb, q, &out),
             CKV_ERR_INVALID_ARG, "budget");
     REFUSED(ckv_plan_create(WITH_PARAMS(budget, -64), &shape, NULL, cells, N_TOK, C.kb, q, &out),

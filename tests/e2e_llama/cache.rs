@@ -233,6 +233,16 @@ fn masked_equivalence(method: &str, form: &str) {
         c.answer, m.answer,
         "compacted ({form}) and masked caches must give the same greedy tokens"
     );
+    if method == "gate" {
+        // scored by the shipped profile's gate: no window decoded again, no window text
+        let st = &c.stats[0];
+        assert_eq!(st["method"], "gate");
+        assert!(st["window"].is_null(), "{st}");
+        assert!(
+            st["profile"].as_str().unwrap_or("").ends_with("profiles/smollm2.json"),
+            "{st}"
+        );
+    }
 }
 
 #[test]
@@ -243,6 +253,13 @@ fn compacted_equals_masked_fill_form() {
 #[test]
 fn compacted_equals_masked_exact_form_with_pyramid_budgets() {
     masked_equivalence("pyramidkv", "exact");
+}
+
+/// The key gate (query-agnostic, the profile's weights on each cached key, nothing decoded again): the same
+/// check, and its stats line records the shipped profile and no window.
+#[test]
+fn compacted_equals_masked_with_the_key_gate() {
+    masked_equivalence("gate", "fill");
 }
 
 /// Scoring on the cache's backend (a ggml graph: the window's queries against the sequence's cells, causal

@@ -6,9 +6,10 @@ fn calibrate_bin() -> PathBuf {
     tool("llama-compresskv-calibrate")
 }
 
-/// The calibration tool on a tiny grid (three ~500-token needle probes, one held-out QA sample): it writes a
-/// profile the library accepts for this model, and a second run resumes from the state file, redoes
-/// nothing and writes the same bytes (deterministic).
+/// The calibration tool on a tiny grid (three ~500-token needle probes, one held-out QA sample), with the key
+/// gate (phase 3: reconstruction scores of the same four contexts): it writes a profile the library accepts for
+/// this model, gate included, and a second run resumes from the state file, redoes nothing and writes the same
+/// bytes (deterministic).
 #[test]
 fn calibration_tool_writes_a_valid_profile_and_resumes() {
     let dir = tmpdir().join("calib");
@@ -51,6 +52,7 @@ fn calibration_tool_writes_a_valid_profile_and_resumes() {
                 "4",
                 "--max-gen",
                 "24",
+                "--gate",
             ])
             .arg("--probes")
             .arg(dir.join("probes.jsonl"))
@@ -66,7 +68,7 @@ fn calibration_tool_writes_a_valid_profile_and_resumes() {
     };
     let (log1, text1) = calibrate();
     assert!(
-        log1.contains("probe 3/3") && log1.contains("calib 1/1"),
+        log1.contains("probe 3/3") && log1.contains("calib 1/1") && log1.contains("gate 4/4"),
         "progress lines:\n{log1}"
     );
     let p = compresskv::profile::Profile::from_json(&text1).expect("the tool's profile validates");
@@ -89,10 +91,19 @@ fn calibration_tool_writes_a_valid_profile_and_resumes() {
         "every layer has some eviction error"
     );
 
+    // the gate: one weight vector per layer and KV head, fitted on two contexts and checked on the other two
+    let g = p.gate.as_ref().expect("--gate writes the gate");
+    assert_eq!(
+        (g.weights.len(), g.weights[0].len(), g.weights[0][0].len()),
+        (30, 3, 129)
+    );
+    assert!(g.fit["held_out_r2"].as_f64().unwrap().is_finite(), "{}", g.fit);
+    assert_eq!(g.fit["contexts"], 4);
+
     let (log2, text2) = calibrate();
     assert_eq!(
         log2.matches("(done before)").count(),
-        4,
+        8,
         "the second run must resume:\n{log2}"
     );
     assert_eq!(text1, text2, "same inputs, same profile");

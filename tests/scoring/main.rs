@@ -147,6 +147,7 @@ fn random_profile(rng: &mut Rng, shape: Shape) -> Profile {
         head_scores: vec![vec![0.0; h.n_head]; shape.n_layer],
         layer_weights: w,
         calibration: serde_json::Value::Null,
+        gate: None,
     }
 }
 

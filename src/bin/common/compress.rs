@@ -56,7 +56,7 @@ pub struct Defaults {
 const BASE: &str = "preset=paper;form=fill";
 
 /// The value option `key` takes in `options`, from the library.
-fn option(options: &str, key: &str) -> String {
+pub fn option(options: &str, key: &str) -> String {
     let (o, k) = (CString::new(options).expect("options"), CString::new(key).expect("key"));
     let mut buf = [0 as c_char; 256];
     // SAFETY: NUL-terminated strings and a buffer of the size given; the library writes a NUL-terminated string.
@@ -111,6 +111,25 @@ pub fn compress(ctx: &mut Context<'_>, seq: i32, tokens: &[Token], o: &Options) 
             tokens.len() as i32,
             std::ptr::null(),
             0,
+            opts.as_ptr(),
+        )
+    }
+}
+
+/// Compress with a raw options string and a probe decoded after the sequence (`llama_kv_compress`'s own
+/// arguments; the calibration's reconstruction passes): 0 compressed, 1 nothing to do, negative on error.
+pub fn compress_raw(ctx: &mut Context<'_>, seq: i32, tokens: &[Token], probe: &[Token], options: &str) -> i32 {
+    let opts = CString::new(options).expect("options without NUL");
+    // SAFETY: the options string outlives the call; `tokens` and `probe` are readable for their lengths; a
+    // live context, used by this thread only.
+    unsafe {
+        sys::llama_kv_compress(
+            ctx.raw(),
+            seq,
+            tokens.as_ptr(),
+            tokens.len() as i32,
+            probe.as_ptr(),
+            probe.len() as i32,
             opts.as_ptr(),
         )
     }

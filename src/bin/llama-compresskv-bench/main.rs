@@ -13,6 +13,9 @@
 //! The JSON document (-o) is rewritten after every row, so an interrupted run keeps the rows done, and a run of
 //! the same configuration on the same -o resumes: it keeps those rows and runs the others.
 //!
+//! --agnostic JOBS.jsonl instead answers questions about contexts compressed before the question arrived, every
+//! method on one prefill per context (bench/ruler.py --engine bench): see agnostic.rs.
+//!
 //! --check instead runs the compaction check of tests/llama_api/ on whatever backend holds the cache (the
 //! gather graph on a GPU): see check.rs. --paths compares the device paths (scoring and compaction graphs) with
 //! the host paths in the run's cache types: see paths.rs.
@@ -23,6 +26,7 @@
 // llama.cpp static libraries its build script declares.
 extern crate compresskv;
 
+mod agnostic;
 mod check;
 #[path = "../common/mod.rs"]
 mod common;
@@ -112,6 +116,10 @@ struct Args {
     /// One selection per KV head
     #[arg(long = "per-head")]
     per_head: bool,
+    /// Contexts compressed before their question, every method on one prefill (see agnostic.rs); -o gets
+    /// one JSON line per (job, variant)
+    #[arg(long, value_name = "JOBS.jsonl", conflicts_with_all = ["check", "paths"])]
+    agnostic: Option<String>,
 }
 
 /// A comma-separated list of non-negative integers.
@@ -413,6 +421,9 @@ fn run(a: &Args, r: &Run) -> i32 {
     if n_vocab < 1 {
         eprintln!("error: the model has no tokens (a vocabulary \"none\" needs <arch>.vocab_size)");
         return 1;
+    }
+    if let Some(jobs) = &a.agnostic {
+        return agnostic::run_jobs(a, r, &model, jobs);
     }
     let info = compress::model_info(&model);
     let n_embd_kv = info.n_head_kv as i64 * info.head_dim as i64;

@@ -17,6 +17,8 @@
 //!   sees the full-cache residual stream:  e(l) += ||O_comp - O_full||_F / (||O_full||_F + 1e-5).
 //!   Per data set e is normalised over layers; the sets are averaged and normalised again: layer_weights.
 //!
+//! Phase 3, the key gate (--gate, or --gate-only on an existing profile): gate.rs.
+//!
 //! Attention probabilities and outputs are read (and, in pass 2, written) through the graph evaluation
 //! callback (observe.rs), so flash attention is off and the cache cell of position p is p (one sequence from
 //! a cleared cache; checked at every step). Every probe and sample done is appended to the state file (JSON
@@ -30,6 +32,7 @@ extern crate compresskv;
 
 #[path = "../common/mod.rs"]
 mod common;
+mod gate;
 mod observe;
 mod profile;
 mod prompts;
@@ -102,6 +105,12 @@ struct Args {
     /// Use only the first N calibration samples (0: all)
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = common::parse_count)]
     max_calib: i32,
+    /// Also fit the key gate (phase 3) into the profile
+    #[arg(long)]
+    gate: bool,
+    /// Only fit the key gate, into the existing profile -o (its SRHs and layer weights kept)
+    #[arg(long)]
+    gate_only: bool,
 }
 
 /// Average pooling kernel of the error selection (not an option).
@@ -344,6 +353,10 @@ fn run(a: &Args) -> i32 {
         return 1;
     }
 
+    if a.gate_only {
+        return gate_phase(a, &model, &probes, &calib, &state_path);
+    }
+
     let obs = Rc::new(RefCell::new(Calib::new(n_layer)));
     let params = ContextParams {
         n_ctx: n_ctx as u32,
@@ -553,5 +566,25 @@ fn run(a: &Args) -> i32 {
         return 1;
     }
     eprintln!("wrote {} ({n_ok} of {} probes counted)", a.output, probes.len());
+    drop(ctx);
+    if a.gate {
+        return gate_phase(a, &model, &probes, &calib, &state_path);
+    }
     0
+}
+
+/// Phase 3 on every probe and calibration sample as a context.
+fn gate_phase(a: &Args, model: &Model, probes: &[prompts::Prompt], calib: &[prompts::Prompt], state_path: &str) -> i32 {
+    let Some(mut state) = State::open(state_path) else {
+        eprintln!("error: cannot write {state_path}");
+        return 1;
+    };
+    let contexts: Vec<&prompts::Prompt> = probes.iter().chain(calib).collect();
+    let ga = gate::GateArgs {
+        output: &a.output,
+        state_path,
+        threads: a.threads,
+        batch_size: a.batch_size,
+    };
+    gate::run(&ga, model, &contexts, &mut state)
 }
