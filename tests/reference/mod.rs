@@ -57,6 +57,22 @@ pub fn head_scores(keys: &[Vec<f32>], queries: &[f32], a: Attn, ws: usize, we: u
 
 /// Pooling with explicit padding: `k/2` values on the left, `k - 1 - k/2` on the right; zeros for
 /// average pooling (which always divides by `k`), minus infinity for max pooling (ignored).
+/// The key gate's score of tokens `0..ws` for KV head `g`: `exp(clamp(w . [k^2, k, 1], -30, 30))`, in f64.
+pub fn gate_scores(keys: &[Vec<f32>], w: &[f32], a: Attn, ws: usize, g: usize) -> Vec<f64> {
+    let d = a.head_dim;
+    (0..ws)
+        .map(|i| {
+            let k = &keys[i][g * d..(g + 1) * d];
+            let mut s = w[2 * d] as f64;
+            for j in 0..d {
+                let x = k[j] as f64;
+                s += w[j] as f64 * x * x + w[d + j] as f64 * x;
+            }
+            s.clamp(-30.0, 30.0).exp()
+        })
+        .collect()
+}
+
 pub fn pool(x: &[f64], k: usize, kind: PoolKind) -> Vec<f64> {
     if k <= 1 {
         return x.to_vec();
@@ -357,6 +373,7 @@ pub fn plan(params: &Params, a: Attn, profile: Option<&Profile>, layers: &[RefLa
             }
             (vec![Vec::new(); n_layer], Allocation::Uniform, 0)
         }
+        Method::Gate => (vec![all_heads.clone(); n_layer], Allocation::Uniform, 0),
     };
     let budgets = allocate(&allocation, avg, n_layer, floor);
     let max_budget = *budgets.iter().max().unwrap();
@@ -409,11 +426,15 @@ pub fn plan(params: &Params, a: Attn, profile: Option<&Profile>, layers: &[RefLa
                 let pooled: Vec<Vec<f64>> = group_heads[g]
                     .iter()
                     .map(|&h| {
-                        pool(
-                            &head_scores(&layer.keys, &layer.queries, a, ws, we, h),
-                            params.pool_kernel,
-                            params.pool,
-                        )
+                        let raw = if params.method == Method::Gate {
+                            let gate = profile
+                                .and_then(|p| p.gate.as_ref())
+                                .expect("gate needs a profile's gate");
+                            gate_scores(&layer.keys, &gate.weights[l][h / group_size], a, ws, h / group_size)
+                        } else {
+                            head_scores(&layer.keys, &layer.queries, a, ws, we, h)
+                        };
+                        pool(&raw, params.pool_kernel, params.pool)
                     })
                     .collect();
                 let s = mean(&pooled.iter().collect::<Vec<_>>());

@@ -147,7 +147,20 @@ fn random_profile(rng: &mut Rng, shape: Shape) -> Profile {
         head_scores: vec![vec![0.0; h.n_head]; shape.n_layer],
         layer_weights: w,
         calibration: serde_json::Value::Null,
-        gate: None,
+        gate: Some(compresskv::gate::Gate {
+            weights: (0..shape.n_layer)
+                .map(|_| {
+                    (0..h.n_head_kv)
+                        .map(|_| {
+                            (0..compresskv::gate::n_feat(h.head_dim))
+                                .map(|_| (rng.unit() - 0.5) as f32 * 0.2)
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect(),
+            fit: serde_json::Value::Null,
+        }),
     }
 }
 
@@ -172,6 +185,7 @@ fn random_case(rng: &mut Rng) -> Case {
         Method::PyramidKv,
         Method::StreamingLlm,
         Method::SnapKvSrh,
+        Method::Gate,
     ]);
     let (budget, ratio) = match rng.below(8) {
         0 => (0, rng.pick(&[0.25f32, 0.5, 1.0])),
@@ -194,8 +208,9 @@ fn random_case(rng: &mut Rng) -> Case {
         floor: rng.pick(&[0, 1, 4, 32]),
         pyramid_beta: rng.pick(&[1.0, 2.5, 20.0]),
     };
-    let profile = ((method == Method::CompressKv && rng.below(4) != 0) || method == Method::SnapKvSrh)
-        .then(|| random_profile(rng, shape));
+    let profile =
+        ((method == Method::CompressKv && rng.below(4) != 0) || method == Method::SnapKvSrh || method == Method::Gate)
+            .then(|| random_profile(rng, shape));
 
     let n_cells = n + rng.below(20);
     let mut all: Vec<u32> = (0..n_cells as u32).collect();

@@ -30,6 +30,7 @@ fn every_method_and_option_is_exercised() {
         Method::PyramidKv,
         Method::StreamingLlm,
         Method::SnapKvSrh,
+        Method::Gate,
     ] {
         for per_head in [false, true] {
             for fill in [false, true] {
@@ -41,7 +42,7 @@ fn every_method_and_option_is_exercised() {
                         case.params.fill = fill;
                         case.params.chunk = chunk;
                         case.params.pool = pool;
-                        if method == Method::SnapKvSrh && case.profile.is_none()
+                        if (method == Method::SnapKvSrh || method == Method::Gate) && case.profile.is_none()
                             || method == Method::CompressKv && case.profile.is_none() && rng.coin()
                         {
                             case.profile = Some(random_profile(&mut rng, case.shape));

@@ -170,8 +170,7 @@ fn run_job(a: &Args, r: &Run, model: &Model, job: &Value) -> Result<Vec<Value>, 
         }
         let mut answer = Vec::new();
         let mut one = Batch::new(1);
-        let mut pos = nc + nr;
-        for _ in 0..gen {
+        for pos in (nc + nr..).take(gen) {
             let y = argmax(ctx.last_logits(model.n_vocab())) as i32;
             if model.is_eog(y) {
                 break;
@@ -180,7 +179,6 @@ fn run_job(a: &Args, r: &Run, model: &Model, job: &Value) -> Result<Vec<Value>, 
             if !decode_one(&mut ctx, &mut one, y, pos) {
                 return Err(format!("{name}: decoding the answer failed"));
             }
-            pos += 1;
         }
         rows.push(json!({
             "id": id, "variant": name, "ok": true, "answer": String::from_utf8_lossy(&answer),
