@@ -8,7 +8,7 @@ history and is compressed again past --compresskv-trigger), same model, same doc
 Per turn and configuration it records the wall time of the request, timings.prompt_n (tokens prefilled) and
 cache_n (tokens reused), the slot's KV cells (/slots n_cells) and their MiB, and the answer with whether it
 names the fact asked. The compressed configurations are the scoring options that exist (the question-anchored
-window, the window at the end, a probe text) and a trigger of twice the budget. The document holds six facts at depths 0.1 .. 0.9; turn 0 asks the first, every later turn
+window, the window at the end, a probe text, the key gate, reconstruction) and a trigger of twice the budget. The document holds six facts at depths 0.1 .. 0.9; turn 0 asks the first, every later turn
 asks the next one, round robin, so later turns ask facts whose text the compressed slot may have evicted.
 Writes bench/results/chat-<model>-cpu.json (and bench/plots/chat-<model>.png with matplotlib installed:
 bench/requirements.txt).
@@ -164,6 +164,8 @@ def main():
     ap.add_argument("--server", default=os.path.join(ROOT, "vendor/build/bin/llama-server"))
     ap.add_argument("--tmp", default=os.path.join(ROOT, "target/bench-chat"))
     ap.add_argument("--out")
+    ap.add_argument("--only", action="append", help="a configuration's name (repeatable): run these and merge them "
+                    "into --out's existing JSON (same model, budget and turns), keeping its other configurations")
     a = ap.parse_args()
     os.makedirs(a.tmp, exist_ok=True)
     model = subprocess.run([os.path.join(ROOT, "scripts/fetch-model.sh"), a.model], check=True, capture_output=True, text=True).stdout.strip()
@@ -176,18 +178,35 @@ def main():
         "compresskv": ckv,
         "compresskv, window at the end": ckv + ["--compresskv-window-anchor", "end"],
         "compresskv, probe": ckv + ["--compresskv-probe", PROBE],
+        # query-agnostic scorers: the profile's key gate (no queries), and reconstruction (all heads, one token set
+        # per layer: a compressed slot is compressed again, which needs it)
+        "compresskv, key gate": ckv + ["--compresskv-method", "gate"],
+        "compresskv, reconstruction": ckv + ["--compresskv-method", "snapkv", "--compresskv-reconstruct"],
         # compressed again only past twice the budget: fewer compressions, more memory
         "compresskv, trigger 2x": ckv + ["--compresskv-trigger", str(2 * a.budget)],
     }
     res = {"bench": "chat", "model": a.model, "budget": a.budget, "turns": a.turns, "n_predict": a.n_predict,
            "machine": machine(), "commit": git_commit(), "configs": {}}
-    for name, extra in configs.items():
-        res["configs"][name] = run(name, extra, a, model, doc)
+    out = a.out or os.path.join(ROOT, f"bench/results/chat-{a.model}-cpu.json")
+    only = a.only or list(configs)
+    unknown = [n for n in only if n not in configs]
+    if unknown:
+        sys.exit(f"chat.py: unknown configuration(s) {unknown}; expected some of {list(configs)}")
+    if a.only:
+        with open(out) as f:
+            prev = json.load(f)
+        if (prev["model"], prev["budget"], prev["turns"], prev["n_predict"]) != (a.model, a.budget, a.turns, a.n_predict):
+            sys.exit(f"chat.py: {out} is another run (model, budget, turns, n_predict differ)")
+        res["configs"] = prev["configs"]
+        res["merged"] = prev.get("merged", []) + [{"configs": only, "commit": res["commit"], "machine": res["machine"],
+                                                    "date": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+        res["commit"], res["machine"] = prev["commit"], prev["machine"]
+    for name in only:
+        res["configs"][name] = run(name, configs[name], a, model, doc)
     res["doc_tokens"] = res["configs"]["full cache"]["rows"][0]["prompt_n"]
     res["kv_bytes_per_cell"] = bytes_per_cell(res["configs"]["compresskv"]["stats"])
     for c in res["configs"].values():
         summarize(c, res["kv_bytes_per_cell"])
-    out = a.out or os.path.join(ROOT, f"bench/results/chat-{a.model}-cpu.json")
     write(out, res)
     for name, c in res["configs"].items():
         print(name, json.dumps(c["summary"]))

@@ -6,6 +6,8 @@
     decode speed         bench/plots/decode-speed-<model>.png: decode tokens/s vs prompt tokens, one line per method
     quality vs KV        bench/plots/retention-<model>.png: the fraction of the full cache's score kept against
                          the fraction of the KV cache kept, one line per method (the paper's headline figure)
+    query-agnostic       bench/plots/kvpress-<model>.png: RULER's mean score (% of the full cache's) against the
+                         fraction of the context removed before its question, one line per method
 
 Called by bench/plot.py, which also writes the Markdown tables; each function takes the harness's JSON as loaded.
 """
@@ -151,4 +153,34 @@ def retention(points, model, path):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(f"Needle score kept vs KV cache kept, {model}", fontsize=9)
+    _save(fig, path)
+
+
+def kvpress(d, path):
+    """RULER query-agnostic (bench/ruler.py --engine bench): the mean over tasks (each task weighted equally) of
+    every method at every removed fraction, as a share of the full cache's mean; the goals of 95% at 0.5 and 90%
+    at 0.75 marked."""
+    rows = d["rows"]
+    tasks = sorted({r["task"] for r in rows})
+
+    def mean(method, budget):
+        per = [[r["score"] for r in rows if r["task"] == t and r["method"] == method and r["budget"] == budget]
+               for t in tasks]
+        per = [sum(v) / len(v) for v in per if v]
+        return sum(per) / len(per) if len(per) == len(tasks) else None
+    full = mean("full", None)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "full"):
+        pts = sorted((b, mean(m, b)) for b in {r["budget"] for r in rows if r["method"] == m})
+        pts = [(b, v) for b, v in pts if v is not None]
+        ax.plot([100 * b for b, _ in pts], [100 * v / full for _, v in pts], marker="o", label=m)
+    ax.scatter([50, 75], [95, 90], marker="*", s=120, color="black", label="goal", zorder=5)
+    ax.set_xlabel("context removed before the question (% of its cells)")
+    ax.set_ylabel("RULER score kept (% of the full cache's)")
+    ax.set_ylim(0, 110)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    n = min(len({r["sample"] for r in rows if r["task"] == t}) for t in tasks)
+    ax.set_title(f"RULER {rows[0]['length']}, query-agnostic, {d['model']} ({n} samples x {len(tasks)} tasks)",
+                 fontsize=9)
     _save(fig, path)

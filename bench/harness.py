@@ -64,6 +64,12 @@ METHODS = {
     # one token set per KV head (KVzip's head-wise eviction)
     "snapkv-per-head": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "snapkv",
                         "--compresskv-per-head"],
+    # query-agnostic: the profile's key gate (no queries, no decode) with our selection (32-token spans), and with
+    # the paper's (single tokens), one token set per layer or per KV head
+    "gate": ["--compresskv", "--compresskv-method", "gate"],
+    "gate-paper": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "gate"],
+    "gate-per-head": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "gate",
+                      "--compresskv-per-head"],
 }
 
 

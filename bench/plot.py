@@ -163,7 +163,14 @@ def ruler_table(d):
         if d.get("bounded_ctx"):
             share = (f"; **bounded-memory prefill**: the compressed methods run with -c {d['bounded_ctx']} (the prompt "
                      f"prefilled in chunks, window: {d.get('overflow_window')}), the full cache with -c {length + 64}")
-        if d.get("placement") == "agnostic":
+        if d.get("placement") == "agnostic" and d.get("engine") == "bench":
+            share += ("; **query-agnostic**, one process (`llama-compresskv-bench --agnostic`): each context is "
+                      "prefilled once, every method compresses a restored copy of its cache before the question "
+                      f"arrives (`/end`: scored by its own last tokens, `/probe`: by the fixed instruction "
+                      f"{d.get('probe_text')!r}; `gate`: the profile's key gate), then the question is decoded into "
+                      "it and answered greedily; `/aware`: compressed after the question (the upper reference); "
+                      "`-X%`: the fraction of the cells removed")
+        elif d.get("placement") == "agnostic":
             share += (f"; **query-agnostic**: each context compressed before its question arrives (`/end`: scored by "
                       f"its own last tokens, `/probe`: by the fixed instruction {d.get('probe_text')!r}, decoded for "
                       f"scoring only{', `/recon`: by reconstruction, --compresskv-reconstruct' if any(m.endswith('/recon') for m in d['methods']) else ''}), saved with --prompt-cache and loaded by a run without --compresskv that "
@@ -295,6 +302,10 @@ def main():
     if prof:
         write(os.path.join(ROOT, "bench/results/profiles.md"), "\n\n".join(prof))
     ruler = [ruler_table(json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/ruler-*.json")))]
+    for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/ruler-kvpress-*-cpu.json"))):
+        d = json.load(open(f))
+        if figures and "pilot" not in f:
+            figures.kvpress(d, os.path.join(plots, f"kvpress-{d['model']}.png"))
     if ruler:
         write(os.path.join(ROOT, "bench/results/ruler.md"), "\n\n".join(ruler))
     bounded = [bounded_table(json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/bounded-*.json")))]

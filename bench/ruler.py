@@ -586,6 +586,9 @@ AGNOSTIC = {
     "end": lambda probe: ["--compresskv-window-anchor", "end"],
     "probe": lambda probe: ["--compresskv-window-anchor", "end", "--compresskv-probe", probe],
     "recon": lambda probe: ["--compresskv-window-anchor", "end", "--compresskv-reconstruct"],
+    # the upper reference (--engine bench only): the same prefill, compressed after the question was decoded, as
+    # the query-aware placement does
+    "aware": lambda probe: [],
 }
 
 
@@ -615,6 +618,46 @@ def agnostic_run(llama, smp, flags, ctx, session):
         row["log_tail"] = "the answering run did not load the compressed context (prefix reused: %s)" % \
             row.get("n_prefix_reused")
     return row
+
+
+def budget_flags(budget):
+    """A budget in cells, or (a float) the fraction of the context removed (kvpress's compression ratio)."""
+    return ["--compresskv-ratio", f"{1 - budget:g}"] if isinstance(budget, float) else ["--compresskv-budget", str(budget)]
+
+
+def bench_group(binary, model, threads, smp, runs, variants, tmp):
+    """--engine bench: every (method, budget) of one sample through llama-compresskv-bench --agnostic, which prefills
+    the context once, compresses a restored copy of its cache per method (before the question exists), then
+    decodes the question and the template end into it and answers greedily. Rows by (method, budget)."""
+    assert smp.text.startswith(smp.prefix_text)
+    names = {f"{m}@{b}": (m, b) for m, b in runs}
+    job = {"id": "job", "context": smp.prefix_text, "rest": smp.text[len(smp.prefix_text):], "gen": smp.gen,
+           "variants": [{"name": k, "flags": None if variants[m] is None else variants[m] + budget_flags(b),
+                         "after_question": m.endswith("/aware")} for k, (m, b) in names.items()]}
+    jobs, out = os.path.join(tmp, f"ruler-jobs-{os.getpid()}.jsonl"), os.path.join(tmp, f"ruler-out-{os.getpid()}.jsonl")
+    with open(jobs, "w") as f:
+        f.write(json.dumps(job) + "\n")
+    if os.path.exists(out):
+        os.remove(out)
+    t0 = time.time()
+    rc, _, stderr, rss = harness.run_measured([binary, "-m", model, "-o", out, "--agnostic", jobs, "-t", str(threads)])
+    got = {}
+    for line in open(out) if os.path.exists(out) else []:
+        x = json.loads(line)
+        st = x.get("stats") or {}
+        row = {"ok": True, "answer": x["answer"], "wall_s": round(x["s_compress"] + x["s_answer"], 2),
+               "s_prefill_shared": round(x["s_prefill"], 2), "peak_rss_mib": round(rss, 1), "engine": "bench",
+               "n_prompt": x["n_context"] + x["n_rest"], "n_prompt_context": x["n_context"],
+               "compressed": bool(st)}
+        row.update({k: st.get(k) for k in harness.STATS_FIELDS if k in st})
+        if st:
+            row["n_prompt"] = x["n_context"] + x["n_rest"]
+            row["cells_after_max"] = st.get("cells_after")
+            row["profile"] = os.path.basename(st["profile"]) if st.get("profile") else None
+        got[names[x["variant"]]] = row
+    missing = {"ok": False, "answer": "", "wall_s": round(time.time() - t0, 2), "peak_rss_mib": round(rss, 1),
+               "log_tail": stderr[-2000:] + f" (exit status {rc})"}
+    return {k: got.get(k, dict(missing)) for k in names.values()}
 
 
 def cpu_busy_elsewhere(seconds=0.5):
@@ -690,13 +733,25 @@ def main():
                     help="with --placement agnostic: what scores the context, each a method variant: end = its own "
                          "last tokens (--compresskv-window-anchor end), probe = a fixed instruction decoded after it "
                          "for scoring only (--compresskv-probe, --probe-text), recon = the model reads the context "
-                         "again after an instruction to repeat it (--compresskv-reconstruct)")
+                         "again after an instruction to repeat it (--compresskv-reconstruct); aware = the upper "
+                         "reference, compressed after the question as the aware placement does (--engine bench)")
     ap.add_argument("--probe-text", default=GENERIC_PROBE)
-    ap.add_argument("--only", help="run only these of the method (x window) variants, e.g. full,compresskv/probe")
+    ap.add_argument("--engine", default="completion", choices=["completion", "bench"],
+                    help="with --placement agnostic: completion = two llama-completion runs per row (the context "
+                         "compressed and saved with --prompt-cache, then loaded and answered); bench = "
+                         "llama-compresskv-bench --agnostic: one prefill per sample, every row compressing a restored "
+                         "copy of it before decoding the question (the same steps in one process, ~8x faster)")
+    ap.add_argument("--bench-bin", default=os.path.join(ROOT, "vendor/build/bin/llama-compresskv-bench"))
+    ap.add_argument("--only", help="run only these of the method (x window) variants, e.g. full,compresskv/probe; "
+                                   "variant@budget: that variant at that budget only (repeat for several)")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.bounded_ctx:
         args.share = False
+    if args.engine == "bench":
+        if args.placement != "agnostic":
+            sys.exit("ruler.py: --engine bench is for --placement agnostic")
+        args.share = False  # the bench prefills each context once itself
     if args.placement == "agnostic" and (args.bounded_ctx or args.smoke):
         sys.exit("ruler.py: --placement agnostic is for one compression of a context that fits (not --bounded-ctx, --smoke)")
     if args.smoke:
@@ -728,16 +783,24 @@ def main():
             f = harness.METHODS[m]
             if f is None:
                 variants[m] = f
-            elif "streamingllm" in f:  # keeps the same cells whatever would score them
+            elif "streamingllm" in f or "gate" in f:  # no window: the same cells whatever the window option
                 variants[m] = f + AGNOSTIC["end"](args.probe_text)
             else:
                 variants.update({f"{m}/{w}": f + AGNOSTIC[w](args.probe_text) for w in windows})
+    if "aware" in args.agnostic_windows.split(",") and args.engine != "bench":
+        sys.exit("ruler.py: the agnostic window 'aware' (the upper reference) needs --engine bench")
+    # --only: variants, each optionally at some budgets only (variant@budget)
+    only_budgets = {}
     if args.only:
-        keep = args.only.split(",")
+        keep = [k.split("@")[0] for k in args.only.split(",")]
         unknown = [k for k in keep if k not in variants]
         if unknown:
             sys.exit(f"ruler.py: --only {','.join(unknown)}: not among {', '.join(variants)}")
         variants = {k: v for k, v in variants.items() if k in keep}
+        for k in args.only.split(","):
+            if "@" in k:
+                name, b = k.split("@")
+                only_budgets.setdefault(name, set()).add(float(b) if "." in b else int(b))
     # a budget with a decimal point is the fraction of the context removed (kvpress's compression ratio)
     budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -754,7 +817,7 @@ def main():
     if os.path.exists(out):
         prev = json.load(open(out))
         if prev.get("kind") == "ruler" and prev.get("model") == args.model and \
-                prev.get("placement", "aware") == args.placement:
+                prev.get("placement", "aware") == args.placement and prev.get("engine", "completion") == args.engine:
             # each row keeps the commit it was measured at (rows written before rows carried one: the file's)
             rows = [dict(r, commit=r.get("commit", prev.get("commit"))) for r in prev["rows"] if r.get("ok")]
             print(f"resuming: {len(rows)} rows in {out}", flush=True)
@@ -768,7 +831,7 @@ def main():
             "methods": variants, "budgets": budgets, "lengths": lengths, "placement": args.placement,
             "probe_text": args.probe_text if args.placement == "agnostic" else None,
             "samples": args.samples, "tasks": tasks, "seed": gen.seed,
-            "bounded_ctx": args.bounded_ctx or None,
+            "bounded_ctx": args.bounded_ctx or None, "engine": args.engine,
             "overflow_window": args.overflow_window if args.bounded_ctx else None}
     fits = prev.get("fits", {}) if rows else {}
 
@@ -778,7 +841,8 @@ def main():
         harness.write(out, obj)
 
     plan = [(length, s, t, m, b) for length in lengths for s in range(args.samples) for t in tasks
-            for m in variants for b in ([None] if variants[m] is None else budgets)]
+            for m in variants for b in ([None] if variants[m] is None else budgets)
+            if m not in only_budgets or b in only_budgets[m]]
     todo = [p for p in plan if (p[2], p[0], p[1], p[3], p[4]) not in done]
     print(f"{len(plan)} runs planned, {len(todo)} to do", flush=True)
     t_start, n_run = time.time(), 0
@@ -794,6 +858,8 @@ def main():
         ctx = length + 64
         llama.threads = pick_threads(args.threads)
         sess = None
+        by_bench = bench_group(args.bench_bin, model, llama.threads, smp, runs, variants, tmp) \
+            if args.engine == "bench" else None
         if args.share:
             sess = session
             if os.path.exists(session):
@@ -806,12 +872,13 @@ def main():
             flags = variants[method]
             run_ctx = ctx
             if flags is not None:
-                flags = flags + (["--compresskv-ratio", f"{1 - budget:g}"] if isinstance(budget, float)
-                                 else ["--compresskv-budget", str(budget)])
+                flags = flags + budget_flags(budget)
                 if args.bounded_ctx:
                     flags += ["--compresskv-overflow-window", args.overflow_window]
                     run_ctx = args.bounded_ctx
-            if flags is not None and args.placement == "agnostic":
+            if by_bench is not None:
+                row = by_bench[(method, budget)]
+            elif flags is not None and args.placement == "agnostic":
                 row = agnostic_run(llama, smp, flags, ctx, os.path.join(tmp, f"ruler-agnostic-{os.getpid()}.bin"))
             else:
                 row = llama.run(smp.text, flags, smp.gen, run_ctx, session=sess)

@@ -55,8 +55,6 @@ pub fn head_scores(keys: &[Vec<f32>], queries: &[f32], a: Attn, ws: usize, we: u
     score
 }
 
-/// Pooling with explicit padding: `k/2` values on the left, `k - 1 - k/2` on the right; zeros for
-/// average pooling (which always divides by `k`), minus infinity for max pooling (ignored).
 /// The key gate's score of tokens `0..ws` for KV head `g`: `exp(clamp(w . [k^2, k, 1], -30, 30))`, in f64.
 pub fn gate_scores(keys: &[Vec<f32>], w: &[f32], a: Attn, ws: usize, g: usize) -> Vec<f64> {
     let d = a.head_dim;
@@ -73,6 +71,8 @@ pub fn gate_scores(keys: &[Vec<f32>], w: &[f32], a: Attn, ws: usize, g: usize) -
         .collect()
 }
 
+/// Pooling with explicit padding: `k/2` values on the left, `k - 1 - k/2` on the right; zeros for
+/// average pooling (which always divides by `k`), minus infinity for max pooling (ignored).
 pub fn pool(x: &[f64], k: usize, kind: PoolKind) -> Vec<f64> {
     if k <= 1 {
         return x.to_vec();

@@ -100,35 +100,27 @@ fn options_text(o: &Options) -> String {
 /// Compress the cache of sequence `seq`, whose last tokens are `tokens`: 0 compressed, 1 nothing to do,
 /// negative on error (see `llama_kv_compress` in llama.h).
 pub fn compress(ctx: &mut Context<'_>, seq: i32, tokens: &[Token], o: &Options) -> i32 {
-    let opts = CString::new(options_text(o)).expect("options without NUL");
-    // SAFETY: the options string outlives the call; `tokens` is readable for its length; no probe; a live
-    // context, used by this thread only.
-    unsafe {
-        sys::llama_kv_compress(
-            ctx.raw(),
-            seq,
-            tokens.as_ptr(),
-            tokens.len() as i32,
-            std::ptr::null(),
-            0,
-            opts.as_ptr(),
-        )
-    }
+    compress_raw(ctx, seq, tokens, &[], &options_text(o))
 }
 
 /// Compress with a raw options string and a probe decoded after the sequence (`llama_kv_compress`'s own
 /// arguments; the calibration's reconstruction passes): 0 compressed, 1 nothing to do, negative on error.
 pub fn compress_raw(ctx: &mut Context<'_>, seq: i32, tokens: &[Token], probe: &[Token], options: &str) -> i32 {
     let opts = CString::new(options).expect("options without NUL");
-    // SAFETY: the options string outlives the call; `tokens` and `probe` are readable for their lengths; a
-    // live context, used by this thread only.
+    let probe_ptr = if probe.is_empty() {
+        std::ptr::null()
+    } else {
+        probe.as_ptr()
+    };
+    // SAFETY: the options string outlives the call; `tokens` and `probe` (null when empty) are readable for
+    // their lengths; a live context, used by this thread only.
     unsafe {
         sys::llama_kv_compress(
             ctx.raw(),
             seq,
             tokens.as_ptr(),
             tokens.len() as i32,
-            probe.as_ptr(),
+            probe_ptr,
             probe.len() as i32,
             opts.as_ptr(),
         )
