@@ -301,10 +301,11 @@ def main():
     prof = [profile_table(json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/profile-*.json")))]
     if prof:
         write(os.path.join(ROOT, "bench/results/profiles.md"), "\n\n".join(prof))
-    ruler = [ruler_table(json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/ruler-*.json")))]
-    for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/ruler-kvpress-*-cpu.json"))):
+    ruler = []
+    for f in sorted(glob.glob(os.path.join(ROOT, "bench/results/ruler-*.json"))):
         d = json.load(open(f))
-        if figures and "pilot" not in f:
+        ruler.append(ruler_table(d))
+        if figures and os.path.basename(f).startswith("ruler-kvpress-") and "pilot" not in f:
             figures.kvpress(d, os.path.join(plots, f"kvpress-{d['model']}.png"))
     if ruler:
         write(os.path.join(ROOT, "bench/results/ruler.md"), "\n\n".join(ruler))

@@ -651,7 +651,6 @@ def bench_group(binary, model, threads, smp, runs, variants, tmp):
                "compressed": bool(st)}
         row.update({k: st.get(k) for k in harness.STATS_FIELDS if k in st})
         if st:
-            row["n_prompt"] = x["n_context"] + x["n_rest"]
             row["cells_after_max"] = st.get("cells_after")
             row["profile"] = os.path.basename(st["profile"]) if st.get("profile") else None
         got[names[x["variant"]]] = row
@@ -792,15 +791,16 @@ def main():
     # --only: variants, each optionally at some budgets only (variant@budget)
     only_budgets = {}
     if args.only:
-        keep = [k.split("@")[0] for k in args.only.split(",")]
+        keep = []
+        for k in args.only.split(","):
+            name, _, b = k.partition("@")
+            keep.append(name)
+            if b:
+                only_budgets.setdefault(name, set()).add(float(b) if "." in b else int(b))
         unknown = [k for k in keep if k not in variants]
         if unknown:
             sys.exit(f"ruler.py: --only {','.join(unknown)}: not among {', '.join(variants)}")
         variants = {k: v for k, v in variants.items() if k in keep}
-        for k in args.only.split(","):
-            if "@" in k:
-                name, b = k.split("@")
-                only_budgets.setdefault(name, set()).add(float(b) if "." in b else int(b))
     # a budget with a decimal point is the fraction of the context removed (kvpress's compression ratio)
     budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
