@@ -64,6 +64,9 @@ METHODS = {
     # one token set per KV head (KVzip's head-wise eviction)
     "snapkv-per-head": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "snapkv",
                         "--compresskv-per-head"],
+    # the same without the scores' smoothing (pooling kernel 1), as KVzip chooses from its reconstruction scores
+    "snapkv-per-head-p1": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "snapkv",
+                           "--compresskv-per-head", "--compresskv-pool", "1"],
     # query-agnostic: the profile's key gate (no queries, no decode) with our selection (32-token spans), and with
     # the paper's (single tokens), one token set per layer or per KV head
     "gate": ["--compresskv", "--compresskv-method", "gate"],

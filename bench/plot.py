@@ -167,7 +167,9 @@ def ruler_table(d):
             share += ("; **query-agnostic**, one process (`llama-compresskv-bench --agnostic`): each context is "
                       "prefilled once, every method compresses a restored copy of its cache before the question "
                       f"arrives (`/end`: scored by its own last tokens, `/probe`: by the fixed instruction "
-                      f"{d.get('probe_text')!r}; `gate`: the profile's key gate), then the question is decoded into "
+                      f"{d.get('probe_text')!r}; `gate`: the profile's key gate"
+                      f"{'; `/recon`: by reconstruction, --compresskv-reconstruct, its scores shared by the ratios of one context' if any(m.endswith('/recon') for m in d['methods']) else ''}"
+                      "), then the question is decoded into "
                       "it and answered greedily; `/aware`: compressed after the question (the upper reference); "
                       "`-X%`: the fraction of the cells removed")
         elif d.get("placement") == "agnostic":

@@ -650,6 +650,9 @@ def bench_group(binary, model, threads, smp, runs, variants, tmp):
                "n_prompt": x["n_context"] + x["n_rest"], "n_prompt_context": x["n_context"],
                "compressed": bool(st)}
         row.update({k: st.get(k) for k in harness.STATS_FIELDS if k in st})
+        if x.get("scores_replayed"):
+            # the reconstruction's scores recorded by an earlier variant of this context: ms_* are not its cost
+            row["scores_replayed"] = True
         if st:
             row["cells_after_max"] = st.get("cells_after")
             row["profile"] = os.path.basename(st["profile"]) if st.get("profile") else None

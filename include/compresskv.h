@@ -241,7 +241,9 @@ ckv_status ckv_plan_stats_json(const ckv_plan * plan, char * buf, size_t buf_siz
  * chunk (0: single tokens), sink, per_head (0/1), form (fill, exact, mask), preset (paper, default),
  * profile (a path), stats (a path: one JSON line per compression is appended), overflow (recent, question,
  * probe), reconstruct (0/1), gate_stats (a path: calibration of the key gate; ckv_request_plan_scored with keys adds
- * each scored layer's keys and scores to the statistics in that file). Every default is defined once, in the
+ * each scored layer's keys and scores to the statistics in that file), scores (a path: a missing file gets this
+ * compression's raw scores, an existing one gives them instead of scoring, a reconstruction included: for
+ * benchmarks that compare budgets and selections on one scoring of the same sequence). Every default is defined once, in the
  * library: ckv_option_get(NULL, key, ...) gives it. */
 
 typedef struct ckv_request ckv_request;

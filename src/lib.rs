@@ -18,6 +18,7 @@
 //! - [`compact`]: move plans and in-place, block-exact compaction of host buffers.
 //! - [`gather`]: the `i32` index blocks of the device gather that moves the same cells (llama.cpp's graph).
 //! - [`gate`]: the key gate, a query-agnostic scorer fitted offline to reconstruction scores.
+//! - [`recorded`]: the raw scores of one compression in a file, replayed by a later one (benchmarks).
 //! - [`plan`]: the whole step for one sequence: budgets + scores + selection + moves.
 //! - [`profile`]: the JSON model profile (SRH ranking, layer weights), validated against a model.
 //! - [`options`]: the options of one compression as llama.cpp passes them (names, defaults, validation).
@@ -45,6 +46,7 @@ pub mod options;
 pub mod overflow;
 pub mod plan;
 pub mod profile;
+pub mod recorded;
 pub mod request;
 pub mod score;
 pub mod select;

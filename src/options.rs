@@ -116,6 +116,10 @@ pub struct Options {
     /// Calibration of the key gate: add each scored layer's (key, score) samples to the gate statistics in
     /// this file ([`crate::gate::Stats`]); used with reconstruction scoring by `llama-compresskv-calibrate`.
     pub gate_stats: Option<String>,
+    /// Recorded scores ([`crate::recorded`]): a missing file gets this compression's raw scores, an existing
+    /// one gives them instead of scoring (nothing is decoded again for a reconstruction). For benchmarks that
+    /// compare budgets and selections on one scoring of the same sequence.
+    pub scores: Option<String>,
 }
 
 /// The probe that asks the model to repeat its context (reconstruction scoring), when the caller gave none.
@@ -142,6 +146,7 @@ impl Default for Options {
             overflow: "question",
             reconstruct: false,
             gate_stats: None,
+            scores: None,
         }
     }
 }
@@ -167,6 +172,7 @@ pub const KEYS: &[&str] = &[
     "overflow",
     "reconstruct",
     "gate_stats",
+    "scores",
 ];
 
 impl Method {
@@ -286,6 +292,7 @@ impl Options {
             "overflow" => self.overflow = one_of(key, value, OVERFLOWS)?,
             "reconstruct" => self.reconstruct = boolean(key, value)?,
             "gate_stats" => self.gate_stats = Some(value.to_string()).filter(|s| !s.is_empty()),
+            "scores" => self.scores = Some(value.to_string()).filter(|s| !s.is_empty()),
             _ => {
                 return Err(Error::InvalidArg(format!(
                     "unknown option '{key}' (expected one of {})",
@@ -345,6 +352,7 @@ impl Options {
             "overflow" => self.overflow.to_string(),
             "reconstruct" => u8::from(self.reconstruct).to_string(),
             "gate_stats" => self.gate_stats.clone().unwrap_or_default(),
+            "scores" => self.scores.clone().unwrap_or_default(),
             // read-only: the probe a reconstruction uses when the caller gives none
             "reconstruct_prompt" => RECONSTRUCT_PROMPT.to_string(),
             _ => {

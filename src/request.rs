@@ -76,6 +76,8 @@ pub struct Request {
     pub note: Option<String>,
     /// Reconstruction scoring: the sequence's tokens decoded after the probe this many at a time (0: none).
     pub recon_chunk: usize,
+    /// The scores come from the file of option `scores`, recorded by an earlier compression.
+    pub replay: bool,
 }
 
 /// Reconstruction scoring holds `n_head x (n + chunk) x chunk` attention probabilities per pass: the chunk
@@ -133,6 +135,7 @@ impl Request {
             again: seq.compressed,
             note: None,
             recon_chunk: 0,
+            replay: false,
             opts,
         };
         if r.skip {
@@ -150,6 +153,21 @@ impl Request {
         }
         if r.opts.reconstruct {
             r.recon_chunk = r.reconstruct_chunk(seq)?;
+        }
+        if let Some(path) = r.opts.scores.as_deref() {
+            if no_queries {
+                return Err(refuse(format!(
+                    "recorded scores ({path}) are a scoring method's; method {} scores without queries",
+                    r.opts.method.name()
+                )));
+            }
+        }
+        if let Some(path) = r.opts.scores.as_deref().filter(|p| std::path::Path::new(p).exists()) {
+            // the recorded scores stand for the reconstruction: only the probe is decoded, as the window
+            r.recon_chunk = 0;
+            r.replay = true;
+            let m = format!("scores replayed from {path}");
+            r.note = Some(r.note.take().map_or(m.clone(), |n| format!("{n}; {m}")));
         }
         if unused_probe {
             let m = "method gate scores each cell from its key alone: the probe is not used";
@@ -509,5 +527,30 @@ mod tests {
         // nor does it reconstruct: that scores with queries
         let e = Request::new(Options::parse("budget=20;method=gate;reconstruct=1").unwrap(), &s).unwrap_err();
         assert!(e.to_string().contains("scoring method"), "{e}");
+    }
+
+    #[test]
+    fn recorded_scores_stand_for_the_reconstruction_once_written() {
+        let pos: Vec<i32> = (0..4000).collect();
+        let mut s = seq(&pos, None);
+        s.n_probe = 12;
+        let path = std::env::temp_dir().join(format!("ckv-request-scores-{}.bin", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let opts = Options::parse(&format!("budget=100;reconstruct=1;scores={}", path.display())).unwrap();
+        // no file yet: reconstruct (and record)
+        let r = Request::new(opts.clone(), &s).unwrap();
+        assert_eq!((r.recon_chunk, r.n_decode, r.replay), (246, 12, false));
+        // a file: nothing is decoded again but the probe
+        std::fs::write(&path, b"x").unwrap();
+        let r = Request::new(opts, &s).unwrap();
+        assert_eq!((r.recon_chunk, r.n_decode, r.anchor, r.replay), (0, 12, "probe", true));
+        assert!(r.note.unwrap().contains("scores replayed from"));
+        std::fs::remove_file(&path).unwrap();
+        // a method without queries has no scores to record or replay
+        let e = Request::new(
+            Options::parse("budget=20;method=gate;scores=/tmp/x").unwrap(),
+            &seq(&pos, None),
+        );
+        assert!(e.unwrap_err().to_string().contains("without queries"));
     }
 }

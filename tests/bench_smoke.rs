@@ -274,3 +274,110 @@ fn speed_tool_checks_and_times_a_random_weight_model() {
         }
     }
 }
+
+/// `llama-compresskv-bench --agnostic` (the kvpress protocol of `bench/ruler.py --engine bench`) reconstructs a
+/// context once for every variant that only chooses cells differently: the first records its scores (the
+/// library's option `scores`), the others replay them. A replayed variant keeps exactly the cells and gives
+/// exactly the answer of the same variant reconstructed on its own, without decoding the context again.
+#[test]
+fn agnostic_jobs_reconstruct_once_per_context() {
+    let Some(bin) = option_env!("CARGO_BIN_EXE_llama-compresskv-bench").map(PathBuf::from) else {
+        eprintln!("SKIP agnostic_jobs_reconstruct_once_per_context: llama-compresskv-bench needs --features llama");
+        return;
+    };
+    assert!(
+        model_path().exists(),
+        "{} is missing: run scripts/fetch-model.sh smollm2",
+        model_path().display()
+    );
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let filler = "The committee met again to review the budget of the harbour, the repairs of the old lighthouse \
+                  and the schedule of the ferries, and adjourned without a decision. ";
+    let context = format!(
+        "<|im_start|>user\nRead the notes. {}The secret code of the vault is 4917. {}",
+        filler.repeat(6),
+        filler.repeat(6)
+    );
+    let rest = "\nWhat is the secret code of the vault?<|im_end|>\n<|im_start|>assistant\n";
+    let recon = |name: &str, extra: &[&str]| {
+        let mut flags = vec![
+            "--compresskv",
+            "--compresskv-method",
+            "snapkv",
+            "--compresskv-reconstruct",
+        ];
+        flags.extend_from_slice(extra);
+        serde_json::json!({"name": name, "flags": flags})
+    };
+    let run = |tag: &str, variants: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        let jobs = dir.join(format!("agnostic-{tag}.jsonl"));
+        let job = serde_json::json!({"id": tag, "context": context, "rest": rest, "gen": 16, "variants": variants});
+        std::fs::write(&jobs, format!("{job}\n")).unwrap();
+        let out = dir.join(format!("agnostic-{tag}.out.jsonl"));
+        let _ = std::fs::remove_file(&out);
+        let r = Command::new(&bin)
+            .arg("-m")
+            .arg(model_path())
+            .args(["-t", "2", "-o"])
+            .arg(&out)
+            .arg("--agnostic")
+            .arg(&jobs)
+            .output()
+            .expect("run llama-compresskv-bench --agnostic");
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let alone = run("alone", vec![recon("half", &["--compresskv-ratio", "0.5"])]);
+    let shared = run(
+        "shared",
+        vec![
+            recon("three-quarters", &["--compresskv-ratio", "0.75"]),
+            recon("half", &["--compresskv-ratio", "0.5"]),
+            recon("half-per-head", &["--compresskv-ratio", "0.5", "--compresskv-per-head"]),
+        ],
+    );
+    assert_eq!((alone.len(), shared.len()), (1, 3));
+    let passes = |r: &serde_json::Value| r["stats"]["reconstruct"]["passes"].as_u64();
+    let (a, first, half) = (&alone[0], &shared[0], &shared[1]);
+    assert_eq!(
+        (a["scores_replayed"].as_bool(), first["scores_replayed"].as_bool()),
+        (Some(false), Some(false))
+    );
+    assert_eq!(first["stats"]["recorded_scores"]["replayed"], false, "{first}");
+    assert!(
+        passes(a).is_some_and(|p| p >= 1) && passes(first) == passes(a),
+        "{a}\n{first}"
+    );
+    // the replays: nothing decoded again but the probe, the same cells and answer as the reconstruction alone
+    for r in &shared[1..] {
+        assert_eq!(r["scores_replayed"], true, "{r}");
+        assert_eq!(passes(r), None, "{r}");
+        assert_eq!(r["stats"]["recorded_scores"]["replayed"], true, "{r}");
+    }
+    assert_eq!(half["cells_after_context"], a["cells_after_context"], "{half}\n{a}");
+    assert_eq!(half["answer"], a["answer"], "{half}\n{a}");
+    assert!(first["cells_after_context"].as_u64() > half["cells_after_context"].as_u64());
+    let ms = |r: &serde_json::Value| r["stats"]["ms_redecode"].as_f64().unwrap();
+    assert!(
+        ms(half) * 3.0 < ms(a),
+        "a replay decodes the probe only: {} ms against {} ms",
+        ms(half),
+        ms(a)
+    );
+    // the recorded scores do not outlive the job
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .contains("agnostic-shared.out.jsonl.scores-")
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

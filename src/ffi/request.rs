@@ -434,6 +434,7 @@ pub unsafe extern "C" fn ckv_request_finish(
             "scores": if plan.plan().external_scores { "caller" } else { "library" },
             "reconstruct": (r.recon_chunk > 0).then(|| json!({"chunk": r.recon_chunk, "passes": r.n.div_ceil(r.recon_chunk)})),
             "score_check": h.score_check.map(|(d, same)| json!({"max_abs_diff": d, "same_cells": same})),
+            "recorded_scores": r.opts.scores.as_ref().map(|p| json!({"file": p, "replayed": r.replay})),
         })
         .to_string();
         if let Some(path) = &r.opts.stats {

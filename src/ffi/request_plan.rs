@@ -19,6 +19,7 @@ use crate::gate;
 use crate::plan::{self, Method, Source};
 use crate::profile::find_profile;
 use crate::profile::Profile;
+use crate::recorded::Recorded;
 use crate::score::head_scores;
 use std::ffi::{c_char, c_void, CString};
 use std::path::PathBuf;
@@ -60,7 +61,20 @@ pub unsafe extern "C" fn ckv_request_plan(
             )
         }?;
         let profile = pre.profile.as_deref().map(|p| &p.profile);
-        let plan = plan::build(&inp.params, inp.shape, profile, &inp.cells, &inp.layers)?;
+        let plan = match h.req.opts.scores.clone() {
+            None => plan::build(&inp.params, inp.shape, profile, &inp.cells, &inp.layers)?,
+            Some(path) => {
+                // the library's own scores of each layer, as `build` makes them, recorded or replayed
+                let mut own = |l: usize, hs: &[usize], win: std::ops::Range<usize>| {
+                    let li = inp
+                        .layers
+                        .get(l)
+                        .ok_or_else(|| Error::InvalidArg(format!("no keys and queries of layer {l}")))?;
+                    head_scores(&li.keys, &inp.cells, inp.shape.heads, li.queries, win, hs)
+                };
+                build_recorded(&path, &inp.params, inp.shape, profile, &inp.cells, &mut own)?
+            }
+        };
         h.finish_plan(plan, pre)
     })
 }
@@ -291,18 +305,21 @@ pub unsafe extern "C" fn ckv_request_plan_scored(
             }
             Ok(s)
         };
-        let plan = plan::build_from(
-            &inp.params,
-            inp.shape,
-            profile,
-            &inp.cells,
-            Source::External(&mut scorer),
-        )?;
+        let plan = match h.req.opts.scores.clone() {
+            None => plan::build_from(
+                &inp.params,
+                inp.shape,
+                profile,
+                &inp.cells,
+                Source::External(&mut scorer),
+            )?,
+            Some(path) => build_recorded(&path, &inp.params, inp.shape, profile, &inp.cells, &mut scorer)?,
+        };
         if let (Some(path), Some(g)) = (&gate_path, &gate) {
             g.merge_into_file(std::path::Path::new(path))?;
         }
         h.score_check = None;
-        if !inp.layers.is_empty() {
+        if !inp.layers.is_empty() && own.iter().any(Option::is_some) {
             // the plan the library's own scores make: the same heads are asked of the same layers, so replay them
             let mut replay = |l: usize, _: &[usize], _: std::ops::Range<usize>| {
                 own[l]
@@ -321,4 +338,33 @@ pub unsafe extern "C" fn ckv_request_plan_scored(
         }
         h.finish_plan(plan, pre)
     })
+}
+
+/// [`plan::build_from`] through the recorded scores of option `scores` ([`crate::recorded`]): an existing file
+/// answers every layer's scores (`score` is not called); otherwise `score` does, and the file is written once
+/// the plan is built from its scores.
+fn build_recorded(
+    path: &str,
+    params: &plan::Params,
+    shape: plan::Shape,
+    profile: Option<&Profile>,
+    cells: &[u32],
+    score: &mut plan::ExternalScorer<'_>,
+) -> Result<plan::Plan> {
+    let file = std::path::Path::new(path);
+    if file.exists() {
+        let rec = Recorded::read(file, shape.n_layer)?;
+        let mut replay = |l: usize, hs: &[usize], win: std::ops::Range<usize>| rec.replay(l, hs, win.start);
+        return plan::build_from(params, shape, profile, cells, Source::External(&mut replay));
+    }
+    let mut rec = Recorded::new(shape.n_layer);
+    let mut record = |l: usize, hs: &[usize], win: std::ops::Range<usize>| {
+        let ws = win.start;
+        let s = score(l, hs, win)?;
+        rec.record(l, hs, ws, &s)?;
+        Ok(s)
+    };
+    let plan = plan::build_from(params, shape, profile, cells, Source::External(&mut record))?;
+    rec.write(file)?;
+    Ok(plan)
 }

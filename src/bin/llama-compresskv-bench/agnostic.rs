@@ -14,6 +14,10 @@
 //!         append {id, variant, answer, cells, compression stats, seconds} to the output (JSON lines)
 //! ```
 //!
+//! A reconstruction (the most expensive scoring by far) is done once per job for every variant that differs
+//! only in how the cells are chosen from its scores (budget, ratio, pooling, spans, sinks, one set per KV head,
+//! form): the first writes its raw scores to a file (the library's option `scores`), the others replay them.
+//!
 //! The question and the template's end (R) are decoded into the compressed cache as the answering run of
 //! ruler.py's two-run protocol decodes them after loading a saved compressed context; one prefill serves every
 //! variant, so the full cache and every method see the same context KV.
@@ -25,6 +29,43 @@ use serde_json::{json, Value};
 use super::{decode_one, decode_span, Args, Run};
 use crate::common::compress;
 use crate::common::{argmax, now_s, Batch, Context, ContextParams, Model};
+
+/// Flags that choose cells from the scores without changing them, for a scoring with a probe (a
+/// reconstruction): its window is the probe, so neither the window nor its anchor scores either.
+const SELECTION_FLAGS: &[&str] = &[
+    "--compresskv-budget",
+    "--compresskv-ratio",
+    "--compresskv-budget-avg",
+    "--compresskv-window",
+    "--compresskv-window-anchor",
+    "--compresskv-pool",
+    "--compresskv-chunk",
+    "--compresskv-sink",
+    "--compresskv-per-head",
+    "--compresskv-preset",
+    "--compresskv-form",
+];
+
+/// The flags of `flags` that decide a reconstruction's raw scores (the rest choose cells from them), or None
+/// for a variant that does not reconstruct.
+fn scoring_flags(flags: &[String]) -> Option<Vec<String>> {
+    if !flags.iter().any(|f| f == "--compresskv-reconstruct") {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut it = flags.iter();
+    while let Some(f) = it.next() {
+        let takes_value = compresskv::flags::FLAGS
+            .iter()
+            .any(|x| x.name == f && !x.hint.is_empty());
+        let value = if takes_value { it.next().cloned() } else { None };
+        if !SELECTION_FLAGS.contains(&f.as_str()) {
+            out.push(f.clone());
+            out.extend(value);
+        }
+    }
+    Some(out)
+}
 
 /// The options string and the probe text of llama.cpp flags (`--compresskv` first, as the tools take them).
 fn options_of(flags: &[String]) -> Result<(String, Option<String>), String> {
@@ -127,6 +168,8 @@ fn run_job(a: &Args, r: &Run, model: &Model, job: &Value) -> Result<Vec<Value>, 
     let s_prefill = now_s() - t0;
     let snapshot = ctx.state_seq_get(0).ok_or("cannot snapshot the context's cache")?;
     let stats = format!("{}.stats.jsonl", a.output);
+    // the recorded scores of each reconstruction of this job: (its scoring flags, the file)
+    let mut recorded: Vec<(Vec<String>, String)> = Vec::new();
     let mut rows = Vec::new();
     for (k, v) in variants.iter().enumerate() {
         let name = v["name"].as_str().ok_or("variant name: a string is needed")?;
@@ -148,11 +191,24 @@ fn run_job(a: &Args, r: &Run, model: &Model, job: &Value) -> Result<Vec<Value>, 
         }
         let t1 = now_s();
         let mut st = Value::Null;
+        // the scores came from an earlier variant's reconstruction: s_compress is not the scoring's cost
+        let mut replayed = false;
         if !flags.is_empty() {
             let (opts, probe) = options_of(&flags)?;
             let _ = std::fs::remove_file(&stats);
             let probe_tok = probe.map(|t| model.tokenize(&t, false, true)).unwrap_or_default();
             let seen = if after_question { &all[..] } else { &c_tok[..] };
+            let mut opts = opts;
+            if let Some(key) = scoring_flags(&flags).filter(|_| !after_question) {
+                let i = recorded.iter().position(|(k, _)| *k == key).unwrap_or_else(|| {
+                    let path = format!("{}.scores-{}-{}.bin", a.output, std::process::id(), recorded.len());
+                    let _ = std::fs::remove_file(&path);
+                    recorded.push((key, path));
+                    recorded.len() - 1
+                });
+                replayed = std::path::Path::new(&recorded[i].1).exists();
+                opts.push_str(&format!("scores={};", recorded[i].1));
+            }
             let rc = compress::compress_raw(&mut ctx, 0, seen, &probe_tok, &format!("{opts}stats={stats}"));
             if rc < 0 {
                 return Err(format!("{name}: the compression failed ({rc}); see the log"));
@@ -183,10 +239,13 @@ fn run_job(a: &Args, r: &Run, model: &Model, job: &Value) -> Result<Vec<Value>, 
         rows.push(json!({
             "id": id, "variant": name, "ok": true, "answer": String::from_utf8_lossy(&answer),
             "n_context": nc, "n_rest": nr, "cells_after_context": cells, "s_prefill": s_prefill,
-            "s_compress": s_compress, "s_answer": now_s() - t2, "stats": st,
+            "s_compress": s_compress, "s_answer": now_s() - t2, "stats": st, "scores_replayed": replayed,
         }));
     }
     let _ = std::fs::remove_file(&stats);
+    for (_, path) in &recorded {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(rows)
 }
 
@@ -196,6 +255,41 @@ mod tests {
 
     fn flags(f: &[&str]) -> Vec<String> {
         f.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn reconstructions_share_scores_across_selections_only() {
+        use super::scoring_flags;
+        let base = [
+            "--compresskv",
+            "--compresskv-method",
+            "snapkv",
+            "--compresskv-reconstruct",
+        ];
+        let at = |extra: &[&str]| scoring_flags(&flags(&[&base[..], extra].concat()));
+        let half = at(&[
+            "--compresskv-ratio",
+            "0.5",
+            "--compresskv-per-head",
+            "--compresskv-pool",
+            "1",
+        ]);
+        assert_eq!(
+            half,
+            at(&["--compresskv-ratio", "0.75", "--compresskv-preset", "paper"])
+        );
+        assert_eq!(half.as_deref(), Some(&flags(&base)[..]));
+        // another scorer (method, probe text) records its own
+        assert_ne!(half, at(&["--compresskv-probe", "Repeat:"]));
+        assert_ne!(
+            half,
+            scoring_flags(&flags(&["--compresskv", "--compresskv-reconstruct"]))
+        );
+        // no reconstruction: nothing recorded
+        assert_eq!(
+            scoring_flags(&flags(&["--compresskv", "--compresskv-ratio", "0.5"])),
+            None
+        );
     }
 
     #[test]
