@@ -154,20 +154,20 @@ impl Request {
         if r.opts.reconstruct {
             r.recon_chunk = r.reconstruct_chunk(seq)?;
         }
-        if let Some(path) = r.opts.scores.as_deref() {
+        if let Some(path) = r.opts.scores.clone() {
             if no_queries {
                 return Err(refuse(format!(
                     "recorded scores ({path}) are a scoring method's; method {} scores without queries",
                     r.opts.method.name()
                 )));
             }
-        }
-        if let Some(path) = r.opts.scores.as_deref().filter(|p| std::path::Path::new(p).exists()) {
-            // the recorded scores stand for the reconstruction: only the probe is decoded, as the window
-            r.recon_chunk = 0;
-            r.replay = true;
-            let m = format!("scores replayed from {path}");
-            r.note = Some(r.note.take().map_or(m.clone(), |n| format!("{n}; {m}")));
+            if std::path::Path::new(&path).exists() {
+                // the recorded scores stand for the reconstruction: only the probe is decoded, as the window
+                r.recon_chunk = 0;
+                r.replay = true;
+                let m = format!("scores replayed from {path}");
+                r.note = Some(r.note.take().map_or(m.clone(), |n| format!("{n}; {m}")));
+            }
         }
         if unused_probe {
             let m = "method gate scores each cell from its key alone: the probe is not used";
