@@ -67,6 +67,21 @@ METHODS = {
     # the same without the scores' smoothing (pooling kernel 1), as KVzip chooses from its reconstruction scores
     "snapkv-per-head-p1": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "snapkv",
                            "--compresskv-per-head", "--compresskv-pool", "1"],
+    # KVzip's selection of reconstruction scores: the maximum over the KV group's heads, not their mean
+    "snapkv-per-head-max": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "snapkv",
+                            "--compresskv-per-head", "--compresskv-head-reduce", "max"],
+    "snapkv-per-head-max-p1": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "snapkv",
+                               "--compresskv-per-head", "--compresskv-head-reduce", "max", "--compresskv-pool", "1"],
+    # the reconstruction's scores kept as 4- and 8-token spans per KV head (whole numbers, whole names)
+    "snapkv-per-head-c4": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "snapkv",
+                           "--compresskv-per-head", "--compresskv-pool", "1", "--compresskv-chunk", "4"],
+    "snapkv-per-head-c8": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "snapkv",
+                           "--compresskv-per-head", "--compresskv-pool", "1", "--compresskv-chunk", "8"],
+    "snapkv-per-head-max-c8": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "snapkv",
+                               "--compresskv-per-head", "--compresskv-head-reduce", "max", "--compresskv-pool", "1",
+                               "--compresskv-chunk", "8"],
+    "snapkv-max-p1": ["--compresskv", "--compresskv-preset", "paper", "--compresskv-method", "snapkv",
+                      "--compresskv-head-reduce", "max", "--compresskv-pool", "1"],
     # query-agnostic: the profile's key gate (no queries, no decode) with our selection (32-token spans), and with
     # the paper's (single tokens), one token set per layer or per KV head
     "gate": ["--compresskv", "--compresskv-method", "gate"],

@@ -92,6 +92,8 @@ typedef struct ckv_params {
     int32_t    fill;         /* 1: every layer keeps max budget (fill form); 0: exact form    */
     int32_t    floor;        /* weighted allocation floor (default 32)                        */
     float      pyramid_beta; /* PyramidKV beta (default 20)                                   */
+    ckv_pool   head_reduce;  /* how the pooled scores of a token set's heads combine: their
+                                mean (CKV_POOL_AVG, default) or their maximum (CKV_POOL_MAX)   */
 } ckv_params;
 
 /* One layer's K or V buffer, as llama.cpp stores it. */
@@ -238,7 +240,8 @@ ckv_status ckv_plan_stats_json(const ckv_plan * plan, char * buf, size_t buf_siz
  * method (compresskv, snapkv, pyramidkv, streamingllm, snapkv-srh, gate), budget (cells kept per layer, window
  * included), ratio (fraction of the sequence, in (0, 1]; instead of budget), budget_avg (0/1: the budget is
  * the paper's average over layers), window, anchor (end, question), window_end (a position), pool (odd),
- * chunk (0: single tokens), sink, per_head (0/1), form (fill, exact, mask), preset (paper, default),
+ * chunk (0: single tokens), sink, per_head (0/1), head_reduce (mean, max: how the scores of a token set's
+ * heads combine), form (fill, exact, mask), preset (paper, default),
  * profile (a path), stats (a path: one JSON line per compression is appended), overflow (recent, question,
  * probe), reconstruct (0/1), gate_stats (a path: calibration of the key gate; ckv_request_plan_scored with keys adds
  * each scored layer's keys and scores to the statistics in that file), scores (a path: a missing file gets this

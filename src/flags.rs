@@ -160,6 +160,14 @@ pub const FLAGS: &[Flag] = &[
         false,
     ),
     flag(
+        "--compresskv-head-reduce",
+        "head_reduce",
+        "HOW",
+        "how the scores of a token set's heads combine: mean (SnapKV), or max (KVzip: a cell one head must read \
+         counts as much as that head reads it)",
+        true,
+    ),
+    flag(
         "--compresskv-preset",
         "preset",
         "NAME",

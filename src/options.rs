@@ -20,6 +20,7 @@
 
 use crate::error::{Error, Result};
 use crate::plan::{Method, Params};
+use crate::score::PoolKind;
 
 /// Where the observation window ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +102,8 @@ pub struct Options {
     pub sink: u32,
     /// One token set per KV head.
     pub per_head: bool,
+    /// How the scores of a token set's heads combine (`mean` or `max`).
+    pub head_reduce: PoolKind,
     /// Layout form.
     pub form: Form,
     /// Model profile (None: looked up by the model's fingerprint).
@@ -140,6 +143,7 @@ impl Default for Options {
             chunk: 32,
             sink: p.n_sink as u32,
             per_head: p.per_head,
+            head_reduce: p.head_reduce,
             form: Form::Fill,
             profile: None,
             stats: None,
@@ -165,6 +169,7 @@ pub const KEYS: &[&str] = &[
     "chunk",
     "sink",
     "per_head",
+    "head_reduce",
     "form",
     "preset",
     "profile",
@@ -235,6 +240,7 @@ fn table_name<T: PartialEq>(table: &[(&str, T)], v: T) -> String {
 
 const ANCHORS: &[(&str, Anchor)] = &[("end", Anchor::End), ("question", Anchor::Question)];
 const FORMS: &[(&str, Form)] = &[("fill", Form::Fill), ("exact", Form::Exact), ("mask", Form::Mask)];
+const REDUCES: &[(&str, PoolKind)] = &[("mean", PoolKind::Avg), ("max", PoolKind::Max)];
 const OVERFLOWS: &[(&str, &str)] = &[("recent", "recent"), ("question", "question"), ("probe", "probe")];
 
 impl Options {
@@ -278,6 +284,7 @@ impl Options {
             "chunk" => self.chunk = int(key, value, 0)?,
             "sink" => self.sink = int(key, value, 0)?,
             "per_head" => self.per_head = boolean(key, value)?,
+            "head_reduce" => self.head_reduce = one_of(key, value, REDUCES)?,
             "form" => self.form = one_of(key, value, FORMS)?,
             "preset" => {
                 let paper = one_of(key, value, &[("paper", true), ("default", false)])?;
@@ -328,6 +335,7 @@ impl Options {
             "budget_avg" => u8::from(self.budget_avg).to_string(),
             "trigger" => self.trigger.to_string(),
             "per_head" => u8::from(self.per_head).to_string(),
+            "head_reduce" => table_name(REDUCES, self.head_reduce),
             "window" => self.window.to_string(),
             "anchor" => match self.anchor {
                 Anchor::Position(_) => "explicit".into(),
@@ -380,6 +388,7 @@ impl Options {
             pool_kernel: self.pool as usize,
             chunk: self.chunk as usize,
             per_head: self.per_head,
+            head_reduce: self.head_reduce,
             fill: self.form == Form::Fill,
             ..Params::default()
         };
@@ -401,6 +410,12 @@ mod tests {
         assert_eq!(o.chunk, 0);
         let o = Options::parse("ratio=0.5;budget=7").unwrap();
         assert_eq!(o.budget, Budget::Cells(7));
+        let o = Options::parse("head_reduce=max").unwrap();
+        assert_eq!(
+            (o.params(10).head_reduce, o.get_text("head_reduce").unwrap().as_str()),
+            (PoolKind::Max, "max")
+        );
+        assert_eq!(Options::default_text("head_reduce").unwrap(), "mean");
     }
 
     #[test]
@@ -416,6 +431,7 @@ mod tests {
             ("anchor=middle", "anchor"),
             ("form=x", "form"),
             ("per_head=2", "per_head"),
+            ("head_reduce=sum", "head_reduce"),
             ("nope=1", "nope"),
             ("form=mask;per_head=1", "per_head"),
         ] {

@@ -299,7 +299,8 @@ fn header_matches_rust_exports() {
             per_head,
             fill,
             floor,
-            pyramid_beta
+            pyramid_beta,
+            head_reduce
         }),
         mirror!(ckv_buffer {
             data,

@@ -66,7 +66,13 @@ pub(super) fn type_from_id(id: i32, what: &str) -> Result<GgmlType> {
 
 impl Default for ckv_params {
     fn default() -> Self {
-        let d = Params::default();
+        ckv_params::from(&Params::default())
+    }
+}
+
+/// Every field of `d` (the inverse of [`to_params`] on valid parameters).
+impl From<&Params> for ckv_params {
+    fn from(d: &Params) -> Self {
         ckv_params {
             size: size_of::<ckv_params>(),
             method: method_id(d.method),
@@ -83,6 +89,7 @@ impl Default for ckv_params {
             fill: d.fill as i32,
             floor: d.floor as i32,
             pyramid_beta: d.pyramid_beta as f32,
+            head_reduce: pool_id(d.head_reduce),
         }
     }
 }
@@ -91,7 +98,7 @@ impl Default for ckv_params {
 pub const CKV_PARAMS_MIN_SIZE: usize = offset_of!(ckv_params, budget) + size_of::<i32>();
 
 /// End offsets of the fields of `ckv_params`, ascending.
-pub(super) const PARAMS_FIELD_ENDS: [usize; 15] = [
+pub(super) const PARAMS_FIELD_ENDS: [usize; 16] = [
     offset_of!(ckv_params, size) + size_of::<usize>(),
     offset_of!(ckv_params, method) + 4,
     offset_of!(ckv_params, budget) + 4,
@@ -107,6 +114,7 @@ pub(super) const PARAMS_FIELD_ENDS: [usize; 15] = [
     offset_of!(ckv_params, fill) + 4,
     offset_of!(ckv_params, floor) + 4,
     offset_of!(ckv_params, pyramid_beta) + 4,
+    offset_of!(ckv_params, head_reduce) + 4,
 ];
 
 /// Read a caller's `ckv_params` by its `size`: the fields wholly inside `size` bytes are the caller's,
@@ -132,15 +140,18 @@ pub(super) unsafe fn read_params(p: *const ckv_params) -> Result<ckv_params> {
     let mut out = ckv_params::default();
     // SAFETY: `n <= size` bytes are readable at `p` (caller) and `n <= size_of::<ckv_params>()` bytes are
     // writable at `out`; every bit pattern is valid for its integer/float fields and ckv_params has no padding
-    // (a compile-time assertion below); the regions are distinct objects.
+    // between its fields (a compile-time assertion below), so the n bytes are whole fields; the regions are distinct objects.
     unsafe { std::ptr::copy_nonoverlapping(p as *const u8, (&mut out as *mut ckv_params).cast::<u8>(), n) };
     out.size = size;
     Ok(out)
 }
 
+// Every field after `size` is 4 bytes and follows the previous one: no padding between fields (the tail
+// padding after the last one is never copied: `n` stops at a field's end).
 const _: () = assert!(
-    PARAMS_FIELD_ENDS[14] == size_of::<ckv_params>(),
-    "ckv_params must have no padding"
+    PARAMS_FIELD_ENDS[PARAMS_FIELD_ENDS.len() - 1] == size_of::<usize>() + 4 * (PARAMS_FIELD_ENDS.len() - 1)
+        && PARAMS_FIELD_ENDS[PARAMS_FIELD_ENDS.len() - 1] <= size_of::<ckv_params>(),
+    "ckv_params must have no padding between its fields"
 );
 
 pub(super) fn nonneg(v: i32, what: &str) -> Result<usize> {
@@ -187,15 +198,15 @@ pub(super) fn to_params(c: &ckv_params) -> Result<Params> {
             c.pool_kernel
         )));
     }
-    let pool = match c.pool {
-        CKV_POOL_AVG => PoolKind::Avg,
-        CKV_POOL_MAX => PoolKind::Max,
-        p => {
-            return Err(Error::InvalidArg(format!(
-                "params.pool: {p} is not a ckv_pool (0 avg, 1 max)"
-            )))
-        }
+    let pool_of = |p: i32, what: &str| match p {
+        CKV_POOL_AVG => Ok(PoolKind::Avg),
+        CKV_POOL_MAX => Ok(PoolKind::Max),
+        p => Err(Error::InvalidArg(format!(
+            "params.{what}: {p} is not a ckv_pool (0 avg, 1 max)"
+        ))),
     };
+    let pool = pool_of(c.pool, "pool")?;
+    let head_reduce = pool_of(c.head_reduce, "head_reduce")?;
     let chunk = nonneg(c.chunk, "params.chunk")?;
     let n_srh = nonneg(c.n_srh, "params.n_srh")?;
     if n_srh == 0 && matches!(method, Method::CompressKv | Method::SnapKvSrh) {
@@ -222,6 +233,7 @@ pub(super) fn to_params(c: &ckv_params) -> Result<Params> {
         chunk,
         n_srh,
         per_head: flag(c.per_head, "params.per_head")?,
+        head_reduce,
         fill: flag(c.fill, "params.fill")?,
         floor,
         pyramid_beta: c.pyramid_beta as f64,
@@ -300,6 +312,29 @@ pub unsafe extern "C" fn ckv_method_from_name(name: *const c_char, out: *mut i32
 mod tests {
     use super::*;
 
+    /// Every field survives the C struct: a request's parameters reach the planner as the options set them.
+    #[test]
+    fn params_round_trip_through_the_c_struct() {
+        let p = Params {
+            method: Method::PyramidKv,
+            budget: 100,
+            ratio: 0.5,
+            window: 16,
+            window_end: Some(40),
+            n_sink: 2,
+            pool_kernel: 3,
+            pool: PoolKind::Max,
+            chunk: 8,
+            n_srh: 2,
+            per_head: true,
+            head_reduce: PoolKind::Max,
+            fill: false,
+            floor: 7,
+            pyramid_beta: 10.0,
+        };
+        assert_eq!(to_params(&ckv_params::from(&p)).unwrap(), p);
+    }
+
     #[test]
     fn params_defaults_and_short_sizes() {
         let mut c = ckv_params {
@@ -362,6 +397,7 @@ mod tests {
             (ckv_params { pool_kernel: 4, ..d }, "params.pool_kernel"),
             (ckv_params { pool_kernel: 0, ..d }, "params.pool_kernel"),
             (ckv_params { pool: 2, ..d }, "params.pool"),
+            (ckv_params { head_reduce: -1, ..d }, "params.head_reduce"),
             (ckv_params { chunk: -1, ..d }, "params.chunk"),
             (ckv_params { n_srh: 0, ..d }, "params.n_srh"),
             (ckv_params { per_head: 2, ..d }, "params.per_head"),

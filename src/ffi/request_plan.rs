@@ -8,7 +8,7 @@
 //! once per layer that needs scores, in layer order, and its output is checked before it is used.
 
 use super::boundary::{c_utf8, ctx, deref, run, slice_ref};
-use super::params::{method_id, nonneg};
+use super::params::nonneg;
 use super::plan::plan_inputs;
 use super::profile::model_identity;
 use super::request::{ckv_request, request_mut};
@@ -173,17 +173,8 @@ pub(super) unsafe fn prepare<'r>(
         budget::fit_average(&alloc, slots, n_layer, floor).map_err(|e| ctx("budget allocation", e))
     })?;
     let params = ckv_params {
-        method: method_id(prm.method),
-        budget: prm.budget as i32,
         ratio: 0.0,
-        window: prm.window as i32,
-        window_end: prm.window_end.map_or(-1, |e| e as i32),
-        n_sink: prm.n_sink as i32,
-        pool_kernel: prm.pool_kernel as i32,
-        chunk: prm.chunk as i32,
-        per_head: prm.per_head as i32,
-        fill: prm.fill as i32,
-        ..ckv_params::default()
+        ..ckv_params::from(&prm)
     };
     let profile = profile.map(|profile| {
         Box::new(ckv_profile {

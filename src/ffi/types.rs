@@ -120,6 +120,8 @@ pub struct ckv_params {
     pub floor: i32,
     /// PyramidKV beta.
     pub pyramid_beta: f32,
+    /// `ckv_pool`: how a token set's heads combine.
+    pub head_reduce: i32,
 }
 
 /// Mirror of `ckv_buffer`.

@@ -9,7 +9,7 @@ use super::{GroupPlan, LayerInput, LayerPlan, Method, Params, Plan, Shape, Sourc
 use crate::budget::Allocation;
 use crate::error::Result;
 use crate::profile::Profile;
-use crate::score::Heads;
+use crate::score::{Heads, PoolKind};
 
 use rayon::prelude::*;
 
@@ -401,7 +401,7 @@ impl LayerCtx<'_> {
             group_heads
                 .iter()
                 .map(|gh| {
-                    let s = mean_of(&pooled, gh, ws);
+                    let s = reduce(&pooled, gh, ws, p.head_reduce);
                     select(&s, n, self.window.clone(), p.n_sink, k, p.chunk)
                 })
                 .collect()
@@ -423,8 +423,17 @@ impl LayerCtx<'_> {
     }
 }
 
-/// Element-wise mean of the vectors `pooled[j]`, `j` in `which` (summed in f64, in `which` order).
-fn mean_of(pooled: &[Vec<f32>], which: &[usize], len: usize) -> Vec<f32> {
+/// Element-wise mean (summed in f64, in `which` order) or maximum of the vectors `pooled[j]`, `j` in `which`.
+fn reduce(pooled: &[Vec<f32>], which: &[usize], len: usize, kind: PoolKind) -> Vec<f32> {
+    if kind == PoolKind::Max {
+        let mut acc = vec![f32::NEG_INFINITY; len];
+        for &j in which {
+            for (a, &x) in acc.iter_mut().zip(&pooled[j]) {
+                *a = a.max(x);
+            }
+        }
+        return acc;
+    }
     let mut acc = vec![0f64; len];
     for &j in which {
         for (a, &x) in acc.iter_mut().zip(&pooled[j]) {

@@ -278,3 +278,33 @@ fn the_key_gate_by_hand_needs_no_queries_and_a_profile_with_a_gate() {
     .unwrap_err();
     assert!(e.message().contains("from the keys"), "{}", e.message());
 }
+
+/// `head_reduce`: the mean of two heads keeps the cells both glance at, the maximum keeps the cell one of
+/// them must read.
+#[test]
+fn heads_combine_by_mean_or_max() {
+    let shape = Shape {
+        n_layer: 1,
+        heads: Heads {
+            n_head: 2,
+            n_head_kv: 1,
+            head_dim: 1,
+        },
+    };
+    let cells = [0u32, 1, 2, 3, 4];
+    // token 0: read by head 0 only; tokens 1, 2: glanced at by both; token 3 by neither; 4 is the window
+    let raw = [vec![0.9, 0.5, 0.4, 0.0], vec![0.0, 0.5, 0.4, 0.0]];
+    let plan_with = |head_reduce| {
+        let mut scorer =
+            |_: usize, hs: &[usize], _: std::ops::Range<usize>| Ok(hs.iter().map(|&h| raw[h].clone()).collect());
+        let p = Params {
+            head_reduce,
+            ..params(Method::SnapKv, 2)
+        };
+        build_from(&p, shape, None, &cells, Source::External(&mut scorer)).unwrap()
+    };
+    // mean: 0.45, 0.5, 0.4, 0 -> token 1 and the window
+    assert_eq!(plan_with(PoolKind::Avg).layers[0].groups[0].kept, vec![1, 4]);
+    // max: 0.9, 0.5, 0.4, 0 -> token 0 and the window
+    assert_eq!(plan_with(PoolKind::Max).layers[0].groups[0].kept, vec![0, 4]);
+}

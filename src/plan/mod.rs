@@ -25,9 +25,10 @@
 //!                      (Gate: raw[h] = gate.layer_scores(l, K_l, cells)[h / gs], keys only)
 //!                      (build_from with an external scorer: scorer(l, heads, window), layers in order)
 //!             p[h]   = pool(raw[h], pool_kernel, pool)
-//!             per layer:    s = mean of p[h] over the layer's heads;       kept = select(s, .., k_l, chunk)
-//!             per KV head:  s_g = mean of p[h] over the layer's heads in group g (all of g's heads when
+//!             per layer:    s = reduce of p[h] over the layer's heads;     kept = select(s, .., k_l, chunk)
+//!             per KV head:  s_g = reduce of p[h] over the layer's heads in group g (all of g's heads when
 //!                           none of them is among the layer's); kept_g = select(s_g, .., k_l, chunk)
+//!             reduce: head_reduce, the element-wise mean (default) or maximum
 //!         group plan: kept, src = cells[kept], dst = dst_cells(cells, len(kept))
 //! ```
 //!
@@ -123,6 +124,9 @@ pub struct Params {
     pub n_srh: usize,
     /// Per-KV-head selection instead of one token set per layer.
     pub per_head: bool,
+    /// How the pooled scores of a group's heads combine: their mean ([`PoolKind::Avg`], SnapKV's), or
+    /// their maximum ([`PoolKind::Max`], KVzip's: a cell that one head must read counts as that head reads it).
+    pub head_reduce: PoolKind,
     /// Fill form (all layers keep `max budget`) instead of the exact form.
     pub fill: bool,
     /// Budget floor of the weighted allocation.
@@ -159,6 +163,7 @@ impl Default for Params {
             chunk: 0,
             n_srh: 4,
             per_head: false,
+            head_reduce: PoolKind::Avg,
             fill: true,
             floor: 32,
             pyramid_beta: 20.0,

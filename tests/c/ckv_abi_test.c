@@ -292,7 +292,7 @@ static void test_basics(void) {
     OK(ckv_params_default(&p));
     CHECK(p.size == sizeof(ckv_params) && p.method == CKV_METHOD_COMPRESSKV && p.window == 8 &&
           p.window_end == -1 && p.pool_kernel == 5 && p.pool == CKV_POOL_AVG && p.n_srh == 4 && p.floor == 32 &&
-          p.budget > 0 && fabsf(p.pyramid_beta - 20.0f) < 1e-6f);
+          p.budget > 0 && fabsf(p.pyramid_beta - 20.0f) < 1e-6f && p.head_reduce == CKV_POOL_AVG);
     REFUSED(ckv_params_default(NULL), CKV_ERR_NULL, "params");
 
     ckv_method m = CKV_METHOD_COMPRESSKV;
@@ -580,6 +580,8 @@ static void test_plan_create_refusals(const ckv_params * good, ckv_profile * wro
             CKV_ERR_INVALID_ARG, "floor");
     REFUSED(ckv_plan_create(WITH_PARAMS(pyramid_beta, -1.0f), &shape, NULL, cells, N_TOK, C.kb, q, &out),
             CKV_ERR_INVALID_ARG, "pyramid_beta");
+    REFUSED(ckv_plan_create(WITH_PARAMS(head_reduce, 2), &shape, NULL, cells, N_TOK, C.kb, q, &out),
+            CKV_ERR_INVALID_ARG, "head_reduce");
     p          = *good;
     p.method   = CKV_METHOD_COMPRESSKV;
     p.n_srh    = 0;

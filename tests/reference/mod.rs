@@ -2,7 +2,7 @@
 //! contracts of `score`, `select`, `budget` and `plan`), written for clarity, not speed.
 //!
 //! Arithmetic is f64 wherever the library may use f32: dense logits, a full softmax per window query,
-//! sums of probabilities, pooling over an explicitly padded vector, the mean over heads, chunk means.
+//! sums of probabilities, pooling over an explicitly padded vector, the mean (or maximum) over heads, chunk means.
 //! Selection sorts every candidate with the tie rule spelled out.
 //!
 //! Because the library computes in f32, two reference scores closer than a tolerance may come out in
@@ -100,6 +100,14 @@ pub fn mean(vectors: &[&Vec<f64>]) -> Vec<f64> {
     let len = vectors[0].len();
     (0..len)
         .map(|i| vectors.iter().map(|v| v[i]).sum::<f64>() / vectors.len() as f64)
+        .collect()
+}
+
+/// Element-wise maximum of several vectors.
+pub fn max(vectors: &[&Vec<f64>]) -> Vec<f64> {
+    let len = vectors[0].len();
+    (0..len)
+        .map(|i| vectors.iter().map(|v| v[i]).fold(f64::NEG_INFINITY, f64::max))
         .collect()
 }
 
@@ -437,7 +445,10 @@ pub fn plan(params: &Params, a: Attn, profile: Option<&Profile>, layers: &[RefLa
                         pool(&raw, params.pool_kernel, params.pool)
                     })
                     .collect();
-                let s = mean(&pooled.iter().collect::<Vec<_>>());
+                let s = match params.head_reduce {
+                    PoolKind::Avg => mean(&pooled.iter().collect::<Vec<_>>()),
+                    PoolKind::Max => max(&pooled.iter().collect::<Vec<_>>()),
+                };
                 sels.push(select(&s, n, ws, we, params.n_sink, k, params.chunk));
                 layer_scores.push(s);
             }

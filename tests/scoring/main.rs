@@ -204,6 +204,7 @@ fn random_case(rng: &mut Rng) -> Case {
         chunk: rng.pick(&[0, 8, 16]),
         n_srh: rng.range(1, heads.n_head),
         per_head: rng.coin(),
+        head_reduce: rng.pick(&[PoolKind::Avg, PoolKind::Max]),
         fill: rng.coin(),
         floor: rng.pick(&[0, 1, 4, 32]),
         pyramid_beta: rng.pick(&[1.0, 2.5, 20.0]),
