@@ -31,6 +31,7 @@ struct ckv_ggml_cache {
     int64_t size     = 0;            // cells per stream
     int64_t n_head   = 0;            // query heads of a layer
     int64_t head_dim = 0;
+    int32_t n_threads = 0;           // threads of a CPU backend that runs scoring graphs (0: ggml's default)
 };
 
 // each layer's K (and V) as the library sees them: the stream's slice in place for a host buffer, else a host

@@ -4,7 +4,8 @@
 //
 //   k    = get_rows(K, cells[0, we))                       the sequence's keys as f32 [d, n_head_kv, we]
 //   kq   = soft_max(k^T q / sqrt(d) + causal mask)          [we, w, n_head], query head h reads KV head h/(n_head/n_head_kv)
-//   out  = get_rows(sum over the window of kq, heads)      [ws, n_heads] of [we, n_heads] (max: the maximum)
+//   out  = get_rows(sum over the window of kq, heads)      [ws, n_heads] of [we, n_heads] (max: the maximum, a
+//                                                          custom op on the CPU, pool_2d elsewhere)
 //
 // Compaction, per layer, one gather and one scatter per tensor and index block of the plan:
 //
@@ -133,6 +134,11 @@ static ckv_ggml_device * ckv_layer_device(const ckv_ggml_cache & c, size_t il, s
         if (!backend || !ggml_backend_supports_buft(backend.get(), buft)) {
             backend.reset();
         }
+        ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+        auto set_n_threads = reg ? (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : nullptr;
+        if (backend && set_n_threads && c.n_threads > 0) {
+            set_n_threads(backend.get(), c.n_threads); // a CPU backend: the context's threads, not ggml's default 4
+        }
         ggml_gallocr_ptr galloc(backend ? ggml_gallocr_new(buft) : nullptr);
         it = devs.emplace(buft, ckv_ggml_device{ std::move(backend), std::move(galloc) }).first;
     }
@@ -162,9 +168,42 @@ static ggml_cgraph * ckv_new_graph(ggml_context_ptr & ctx0, size_t n_nodes) {
     return ctx0 ? ggml_new_graph_custom(ctx0.get(), n_nodes, false) : nullptr;
 }
 
-// the scores of layer il on its backend, as ckv_ggml_score without the reconstruction scores
+// the causal mask of the window [ws, we) over the cells [0, we): row r sees the cells up to ws + r
+static std::vector<float> ckv_causal_mask(int32_t ws, int32_t we) {
+    const int64_t w = we - ws;
+    std::vector<float> m((size_t) we*w);
+    for (int64_t r = 0; r < w; ++r) {
+        for (int64_t i = 0; i < we; ++i) {
+            m[r*we + i] = i <= ws + r ? 0.0f : -INFINITY;
+        }
+    }
+    return m;
+}
+
+// dst [we, 1, n_head] = the maximum over the window of kq [we, w, n_head] (src[0]): what pool_2d(MAX, 1 x w)
+// computes, for the CPU backend, whose pool_2d runs on one thread and reads kq a column at a time. Thread ith
+// of nth takes a slice of the cells and reads every row of kq along it.
+static void ckv_max_window(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
+    const ggml_tensor * kq = dst->src[0];
+    const int64_t we = kq->ne[0], w = kq->ne[1], n_head = kq->ne[2];
+    const int64_t per = (we + nth - 1)/nth;
+    const int64_t i0  = std::min(we, ith*per), i1 = std::min(we, i0 + per);
+    for (int64_t h = 0; h < n_head; ++h) {
+        float * o = (float *) ((char *) dst->data + h*dst->nb[2]);
+        std::fill(o + i0, o + i1, -INFINITY);
+        for (int64_t r = 0; r < w; ++r) {
+            const float * row = (const float *) ((const char *) kq->data + r*kq->nb[1] + h*kq->nb[2]);
+            for (int64_t i = i0; i < i1; ++i) {
+                o[i] = std::max(o[i], row[i]);
+            }
+        }
+    }
+}
+
+// the scores of layer il on its backend, as ckv_ggml_score without the reconstruction scores; mask: the
+// window's causal mask (ckv_causal_mask(ws, we))
 static int32_t ckv_score_graph(ckv_ggml_scorer & sc, int32_t il, const int32_t * cells, int32_t ws, int32_t we,
-        const int32_t * heads, int32_t n_heads, float * out) {
+        const int32_t * heads, int32_t n_heads, const std::vector<float> & m, float * out) {
     const ckv_ggml_cache & cache = *sc.cache;
     ckv_ggml_device * dv = ckv_layer_device(cache, il, sc.devs, sc.error);
     ggml_context_ptr ctx0;
@@ -184,22 +223,29 @@ static int32_t ckv_score_graph(ckv_ggml_scorer & sc, int32_t il, const int32_t *
     ggml_tensor * kq = ggml_mul_mat(c, kc, ggml_cont(c, ggml_permute(c, q, 0, 2, 1, 3)));
     kq = ggml_soft_max_ext(c, kq, mask, 1.0f/sqrtf((float) d), 0.0f);
     ggml_tensor * ones = ggml_new_tensor_3d(c, GGML_TYPE_F32, 1, w, n_head);
-    ggml_tensor * sum  = sc.max ? ggml_pool_2d(c, kq, GGML_OP_POOL_MAX, 1, (int) w, 1, (int) w, 0, 0) :
+    ggml_tensor * sum  = sc.max ? ggml_custom_4d(c, GGML_TYPE_F32, we, 1, n_head, 1, &kq, 1, ckv_max_window, GGML_N_TASKS_MAX, nullptr) :
         ggml_out_prod(c, kq, ones); // the sum over the window, without transposing kq
+    ggml_tensor * pool = sc.max ? ggml_pool_2d(c, kq, GGML_OP_POOL_MAX, 1, (int) w, 1, (int) w, 0, 0) : nullptr;
+    // tests (LLAMA_COMPRESSKV_SCORE=check): the custom maximum must equal pool_2d's, bit for bit
+    const char * env   = getenv("LLAMA_COMPRESSKV_SCORE");
+    const bool   check = sc.max && env && strcmp(env, "check") == 0;
+    if (sc.max && !ggml_backend_supports_op(dv->backend.get(), sum)) {
+        sum  = pool; // a GPU backend: its own pooling
+        pool = nullptr;
+    }
     if (!sc.max && !ggml_backend_supports_op(dv->backend.get(), sum)) {
         sum = ggml_sum_rows(c, ggml_cont(c, ggml_permute(c, kq, 1, 0, 2, 3)));
     }
     sum = ggml_get_rows(c, ggml_reshape_2d(c, sum, we, n_head), hidx);
     ggml_set_output(sum);
     ggml_build_forward_expand(gf, sum);
+    ggml_tensor * ref = check && pool ? ggml_get_rows(c, ggml_reshape_2d(c, pool, we, n_head), hidx) : nullptr;
+    if (ref) {
+        ggml_set_output(ref);
+        ggml_build_forward_expand(gf, ref);
+    }
     if (!ckv_supports(dv->backend.get(), gf, sc.error) || ckv_fault("score-graph") || !ggml_gallocr_alloc_graph(dv->galloc.get(), gf)) {
         return 1;
-    }
-    std::vector<float> m((size_t) we*w);
-    for (int64_t r = 0; r < w; ++r) {
-        for (int64_t i = 0; i < we; ++i) {
-            m[r*we + i] = i <= ws + r ? 0.0f : -INFINITY;
-        }
     }
     ggml_backend_tensor_set(idx, cells, 0, ggml_nbytes(idx));
     ggml_backend_tensor_set(q, sc.queries[il], 0, ggml_nbytes(q));
@@ -215,6 +261,14 @@ static int32_t ckv_score_graph(ckv_ggml_scorer & sc, int32_t il, const int32_t *
     }
     std::vector<float> s((size_t) we*n_heads);
     ggml_backend_tensor_get(sum, s.data(), 0, ggml_nbytes(sum));
+    if (ref) {
+        std::vector<float> r(s.size());
+        ggml_backend_tensor_get(ref, r.data(), 0, ggml_nbytes(ref));
+        if (memcmp(r.data(), s.data(), s.size()*sizeof(float)) != 0) {
+            sc.error = "layer " + std::to_string(il) + ": the window maximum differs from pool_2d's";
+            return 1;
+        }
+    }
     for (int32_t j = 0; j < n_heads; ++j) {
         std::copy_n(s.data() + (size_t) j*we, ws, out + (size_t) j*ws);
     }
@@ -225,7 +279,7 @@ int32_t ckv_ggml_score(void * user, int32_t il, const int32_t * cells, int32_t w
         const int32_t * heads, int32_t n_heads, float * out) {
     auto & sc = *(ckv_ggml_scorer *) user;
     if (sc.recon.empty()) {
-        return ckv_score_graph(sc, il, cells, ws, we, heads, n_heads, out);
+        return ckv_score_graph(sc, il, cells, ws, we, heads, n_heads, ckv_causal_mask(ws, we), out);
     }
     if (ws > sc.n_recon) {
         sc.error = "the reconstruction scores are of a shorter sequence";
@@ -249,10 +303,11 @@ bool ckv_ggml_recon_add(ckv_ggml_scorer & sc, const int32_t * cells, int32_t ws,
         heads[h] = h;
     }
     std::vector<float> out((size_t) n_head*ws);
+    const std::vector<float> mask = ckv_causal_mask(ws, we); // the same for every layer
     bool ok = ws == sc.n_recon;
     sc.max = true;
     for (size_t il = 0; ok && il < n_layer; ++il) {
-        ok = ckv_score_graph(sc, (int32_t) il, cells, ws, we, heads.data(), n_head, out.data()) == 0;
+        ok = ckv_score_graph(sc, (int32_t) il, cells, ws, we, heads.data(), n_head, mask, out.data()) == 0;
         for (size_t i = 0; ok && i < out.size(); ++i) {
             sc.recon[il][i] = std::max(sc.recon[il][i], out[i]);
         }
