@@ -181,6 +181,7 @@ def kvpress(d, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     n = min(len({r["sample"] for r in rows if r["task"] == t}) for t in tasks)
-    ax.set_title(f"RULER {rows[0]['length']}, query-agnostic, {d['model']} ({n} samples x {len(tasks)} tasks)",
+    part = "" if d.get("complete", True) else "; run interrupted: some methods on fewer"
+    ax.set_title(f"RULER {rows[0]['length']}, query-agnostic, {d['model']} ({n} samples x {len(tasks)} tasks{part})",
                  fontsize=9)
     _save(fig, path)
