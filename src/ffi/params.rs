@@ -140,7 +140,8 @@ pub(super) unsafe fn read_params(p: *const ckv_params) -> Result<ckv_params> {
     let mut out = ckv_params::default();
     // SAFETY: `n <= size` bytes are readable at `p` (caller) and `n <= size_of::<ckv_params>()` bytes are
     // writable at `out`; every bit pattern is valid for its integer/float fields and ckv_params has no padding
-    // between its fields (a compile-time assertion below), so the n bytes are whole fields; the regions are distinct objects.
+    // between its fields (a compile-time assertion below), so the n bytes are whole fields; the regions are
+    // distinct objects.
     unsafe { std::ptr::copy_nonoverlapping(p as *const u8, (&mut out as *mut ckv_params).cast::<u8>(), n) };
     out.size = size;
     Ok(out)

@@ -16,7 +16,8 @@
 //!
 //! A reconstruction (the most expensive scoring by far) is done once per job for every variant that differs
 //! only in how the cells are chosen from its scores (budget, ratio, pooling, spans, sinks, one set per KV head,
-//! how the heads' scores combine, form): the first writes its raw scores to a file (the library's option `scores`), the others replay them.
+//! how the heads' scores combine, form): the first writes its raw scores to a file (the library's option
+//! `scores`), the others replay them.
 //!
 //! The question and the template's end (R) are decoded into the compressed cache as the answering run of
 //! ruler.py's two-run protocol decodes them after loading a saved compressed context; one prefill serves every
